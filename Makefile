@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine:
+#   make serve   create .venv, install rtcsignal, run the server (ARGS="--port 9000" to pass flags)
+#   make test    install test dependencies (and, as root, Debian packages), run the whole suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: serve test lint fuzz bench system-deps
+
+serve: $(VENV)/.installed
+	$(BIN)/rtcsignal serve $(ARGS)
+
+test: $(VENV)/.test-installed system-deps
+	$(BIN)/ruff check rtcsignal tests bench
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check rtcsignal tests bench
+
+fuzz: $(VENV)/.test-installed
+	$(BIN)/python -m tests.fuzz_core --seconds $${FUZZ_SECONDS:-300}
+
+bench: $(VENV)/.test-installed
+	$(BIN)/python bench/run.py $(ARGS)
+
+system-deps:
+	sh scripts/install-system-deps.sh
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	touch $@

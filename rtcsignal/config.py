@@ -1,0 +1,331 @@
+"""Settings: one table of fields, read from flags, environment, a TOML file and defaults.
+
+Every setting is declared once in ``SETTINGS``; the CLI flags, the ``RTCSIGNAL_<NAME>``
+environment variables, the TOML keys and the docs table are all derived from it, so there is
+one way to set each thing. Precedence: flag > environment > file > default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting has a value it cannot take; the message names the setting and what it allows."""
+
+
+# --- value parsers: text (flag/env) or TOML value -> typed value, ValueError with allowed values
+
+
+def _int(lo: int, hi: int | None = None) -> Callable[[Any], int]:
+    def parse(v: Any) -> int:
+        if isinstance(v, bool):
+            raise ValueError
+        n = int(v, 0) if isinstance(v, str) else int(v)
+        if n < lo or (hi is not None and n > hi):
+            raise ValueError
+        return n
+
+    parse.allowed = f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else "")  # type: ignore[attr-defined]
+    return parse
+
+
+def _float(lo: float, strict: bool = False) -> Callable[[Any], float]:
+    def parse(v: Any) -> float:
+        if isinstance(v, bool):
+            raise ValueError
+        x = float(v)
+        if x != x or x < lo or (strict and x == lo) or x == float("inf"):
+            raise ValueError
+        return x
+
+    parse.allowed = f"a number {'>' if strict else '>='} {lo}"  # type: ignore[attr-defined]
+    return parse
+
+
+def _choice(*names: str) -> Callable[[Any], str]:
+    def parse(v: Any) -> str:
+        s = str(v).lower()
+        if s not in names:
+            raise ValueError
+        return s
+
+    parse.allowed = "one of " + ", ".join(names)  # type: ignore[attr-defined]
+    return parse
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError
+
+
+_bool.allowed = "true or false"  # type: ignore[attr-defined]
+
+
+def _text(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError
+    return v
+
+
+_text.allowed = "a string"  # type: ignore[attr-defined]
+
+
+def _path_setting(v: Any) -> str:
+    s = _text(v)
+    if not s.startswith("/") or any(c in s for c in " ?#"):
+        raise ValueError
+    return s
+
+
+_path_setting.allowed = "a URL path starting with / (no spaces, ? or #)"  # type: ignore[attr-defined]
+
+
+def _list(v: Any) -> tuple[str, ...]:
+    if isinstance(v, list | tuple):
+        items = [str(x).strip() for x in v]
+    elif isinstance(v, str):
+        items = [x.strip() for x in v.split(",")]
+    else:
+        raise ValueError
+    return tuple(x for x in items if x)
+
+
+_list.allowed = "a comma-separated list"  # type: ignore[attr-defined]
+
+
+def _networks(v: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(x, strict=False) for x in _list(v))
+
+
+_networks.allowed = "a comma-separated list of CIDR networks, e.g. 127.0.0.1/32,10.0.0.0/8"  # type: ignore[attr-defined]
+
+
+def _size(v: Any) -> int:
+    """Bytes, with optional KiB/MiB suffix (k, m)."""
+    if isinstance(v, bool):
+        raise ValueError
+    if isinstance(v, int):
+        n = v
+    else:
+        s = str(v).strip().lower().removesuffix("b").removesuffix("i")
+        mult = 1
+        if s.endswith("k"):
+            mult, s = 1024, s[:-1]
+        elif s.endswith("m"):
+            mult, s = 1024 * 1024, s[:-1]
+        n = int(s) * mult
+    if n < 1:
+        raise ValueError
+    return n
+
+
+_size.allowed = "a size in bytes >= 1 (suffix k or m for KiB/MiB)"  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    group: str = "server"
+    flag_only_true: bool = False  # a boolean flag without a value (--no-default-room)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "RTCSIGNAL_" + self.name.upper()
+
+
+LOOPBACK = "127.0.0.0/8,::1/128"
+
+SETTINGS: tuple[Setting, ...] = (
+    # server
+    Setting("host", _text, "127.0.0.1", "address to listen on"),
+    Setting("port", _int(0, 65535), 8083, "TCP port (0 picks a free one)"),
+    Setting("path", _path_setting, "/signaling", "WebSocket endpoint path"),
+    Setting("heartbeat_interval", _float(0, strict=True), 30.0,
+            "seconds between WebSocket pings; a peer that missed the previous ping is dropped"),
+    Setting("drain_timeout", _float(0), 10.0,
+            "seconds graceful shutdown waits for clients to close before exiting"),
+    Setting("handshake_timeout", _float(0, strict=True), 10.0,
+            "seconds a connection may take to complete its HTTP request / upgrade"),
+    Setting("close_timeout", _float(0, strict=True), 3.0,
+            "seconds to wait for a peer to answer our close frame before dropping the socket"),
+    Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "log level"),
+    Setting("log_format", _choice("auto", "json", "text"), "auto",
+            "log line format; auto = text on a terminal, JSON otherwise"),
+    Setting("certfile", _text, "", "TLS certificate (PEM) to serve wss:// and https:// directly", "tls"),
+    Setting("keyfile", _text, "", "TLS private key (PEM) for --certfile", "tls"),
+    # rooms
+    Setting("no_default_room", _bool, False,
+            "require every connection to join a named room (no broadcast-to-all room)", "rooms", True),
+    Setting("max_rooms_per_peer", _int(1), 8, "rooms one connection may be in at once", "rooms"),
+    Setting("max_peers_per_room", _int(0), 0, "peers per named room; 0 = unlimited", "rooms"),
+    Setting("max_meta_size", _size, 1024, "bytes of JSON a peer's meta object may take", "rooms"),
+    # limits
+    Setting("max_message_size", _size, 64 * 1024,
+            "largest WebSocket message accepted; larger closes with 1009", "limits"),
+    Setting("max_send_buffer", _size, 1024 * 1024,
+            "unsent bytes queued for one connection before it is closed with 1013", "limits"),
+    Setting("max_header_size", _size, 8 * 1024, "largest HTTP request head accepted", "limits"),
+    Setting("rate_limit", _float(0, strict=True), 50.0,
+            "messages per second one connection may send (token bucket rate)", "limits"),
+    Setting("rate_burst", _float(1), 200.0, "token bucket size for --rate-limit", "limits"),
+    Setting("max_connections", _int(1), 20000, "open connections in total (503 beyond)", "limits"),
+    Setting("max_connections_per_ip", _int(1), 64,
+            "open connections per client address (429 beyond)", "limits"),
+    Setting("max_connect_rate", _float(0, strict=True), 20.0,
+            "new connections per second per client address", "limits"),
+    Setting("max_connect_burst", _float(1), 40.0, "burst for --max-connect-rate", "limits"),
+    Setting("metrics_max_types", _int(0), 64,
+            "distinct message types labelled in /metrics (the rest count as _other)", "limits"),
+    # security
+    Setting("allowed_origins", _list, (),
+            "browser Origins allowed to connect (patterns: *, https://*.example.com); empty = all",
+            "security"),
+    Setting("require_origin", _bool, False, "refuse requests without an Origin header", "security",
+            True),
+    Setting("trusted_proxies", _networks, LOOPBACK,
+            "proxies whose X-Forwarded-For is believed (CIDR list)", "security"),
+    Setting("auth", _choice("none", "jwt"), "none", "client authentication", "security"),
+    Setting("jwt_secret", _text, "", "HMAC secret for HS256/384/512 tokens", "security"),
+    Setting("jwt_secret_file", _text, "", "file holding the HMAC secret", "security"),
+    Setting("jwt_public_key_file", _list, (),
+            "PEM public key files for RS256/ES256/EdDSA tokens (several for rotation)", "security"),
+    Setting("jwt_audience", _text, "", "required aud claim (checked when set)", "security"),
+    Setting("jwt_issuer", _text, "", "required iss claim (checked when set)", "security"),
+    Setting("auth_fail_limit", _int(1), 10,
+            "failed token checks per address per minute before 429 for a minute", "security"),
+    # TURN
+    Setting("turn_secret", _text, "", "coturn use-auth-secret shared secret", "turn"),
+    Setting("turn_urls", _list, (), "TURN server URLs handed to clients", "turn"),
+    Setting("turn_ttl", _int(60), 3600, "seconds TURN credentials stay valid", "turn"),
+    Setting("stun_urls", _list, (), "STUN server URLs handed to clients", "turn"),
+)
+
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Resolved settings. Build with ``Config()`` for defaults or ``load_config`` from sources."""
+
+    host: str = "127.0.0.1"
+    port: int = 8083
+    path: str = "/signaling"
+    heartbeat_interval: float = 30.0
+    drain_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    close_timeout: float = 3.0
+    log_level: str = "info"
+    log_format: str = "auto"
+    certfile: str = ""
+    keyfile: str = ""
+    no_default_room: bool = False
+    max_rooms_per_peer: int = 8
+    max_peers_per_room: int = 0
+    max_meta_size: int = 1024
+    max_message_size: int = 64 * 1024
+    max_send_buffer: int = 1024 * 1024
+    max_header_size: int = 8 * 1024
+    rate_limit: float = 50.0
+    rate_burst: float = 200.0
+    max_connections: int = 20000
+    max_connections_per_ip: int = 64
+    max_connect_rate: float = 20.0
+    max_connect_burst: float = 40.0
+    metrics_max_types: int = 64
+    allowed_origins: tuple[str, ...] = ()
+    require_origin: bool = False
+    trusted_proxies: tuple[Any, ...] = field(default_factory=lambda: _networks(LOOPBACK))
+    auth: str = "none"
+    jwt_secret: str = ""
+    jwt_secret_file: str = ""
+    jwt_public_key_file: tuple[str, ...] = ()
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    auth_fail_limit: int = 10
+    turn_secret: str = ""
+    turn_urls: tuple[str, ...] = ()
+    turn_ttl: int = 3600
+    stun_urls: tuple[str, ...] = ()
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def __post_init__(self) -> None:
+        if self.auth == "jwt" and not (
+            self.jwt_secret or self.jwt_secret_file or self.jwt_public_key_file
+        ):
+            raise ConfigError(
+                "auth: 'jwt' needs --jwt-secret, --jwt-secret-file or --jwt-public-key-file"
+            )
+        if bool(self.certfile) != bool(self.keyfile):
+            raise ConfigError("certfile/keyfile: give both or neither")
+        if self.turn_urls and not self.turn_secret:
+            raise ConfigError("turn_urls: needs --turn-secret")
+
+
+def _parse_one(s: Setting, raw: Any, source: str) -> Any:
+    try:
+        return s.parse(raw)
+    except (ValueError, TypeError):
+        allowed = getattr(s.parse, "allowed", "a valid value")
+        raise ConfigError(
+            f"{s.name} ({source}): invalid value {raw!r}; expected {allowed}"
+        ) from None
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    file: str | None = None,
+) -> Config:
+    """Merge the sources (flag > env > file > default) into a validated ``Config``."""
+    env = os.environ if env is None else env
+    flags = flags or {}
+    values: dict[str, Any] = {}
+    file = file or env.get("RTCSIGNAL_CONFIG") or None
+    if file:
+        try:
+            with open(file, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"config: cannot read {file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config: {file} is not valid TOML: {exc}") from None
+        data = data.get("rtcsignal", data)
+        for key, raw in data.items():
+            s = BY_NAME.get(key.replace("-", "_"))
+            if s is None:
+                raise ConfigError(f"config: unknown setting {key!r} in {file}")
+            values[s.name] = _parse_one(s, raw, f"file {file}")
+    for s in SETTINGS:
+        if s.env in env:
+            values[s.name] = _parse_one(s, env[s.env], f"env {s.env}")
+    for name, raw in flags.items():
+        if raw is None:
+            continue
+        s = BY_NAME[name]
+        values[name] = _parse_one(s, raw, f"flag {s.flag}")
+    try:
+        return Config(**values)
+    except ConfigError:
+        raise

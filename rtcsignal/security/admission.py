@@ -1,16 +1,38 @@
 """Who may connect: every check that runs before the WebSocket upgrade completes.
 
-STUB — to be replaced by the full implementation (origins, JWT, per-address limits,
-failed-auth throttling, trusted proxies).
+Order matters for cost: the checks that need no work (auth block, connect rate, origin,
+connection counts) run before the one that does (JWT signature), so a flood of bad requests
+is refused cheaply. Each refusal is an HttpError with a status and a short reason:
+
+    429 auth-failure block / connect rate / connections per address
+    403 origin not allowed
+    503 server full
+    401 missing, invalid or expired token
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ipaddress
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from rtcsignal.config import Config
 from rtcsignal.protocol.http import HttpError, Request
+from rtcsignal.security.limits import AddressTable, retry_after
+from rtcsignal.security.origins import OriginPolicy
+from rtcsignal.security.proxies import client_ip, is_loopback, limit_key, parse_ip
+from rtcsignal.security.tokens import (
+    Clock,
+    TokenError,
+    Verifier,
+    hmac_secret,
+    token_from_request,
+)
+
+FULL_RETRY = 5.0  # seconds suggested to a client refused because the server is full
+PER_IP_RETRY = 10.0  # ... or because its address has too many open connections
+SHORT_SECRET = 32  # bytes; shorter HMAC secrets can be brute-forced offline from one token
 
 
 @dataclass(slots=True)
@@ -21,34 +43,132 @@ class Admitted:
     user: str | None = None  # JWT sub, shown to others as meta.user
     rooms: tuple[str, ...] | None = None  # JWT rooms claim: names or prefix* patterns; None = any
     meta: dict[str, Any] | None = None  # JWT meta claim: overrides client-sent meta
+    # Bookkeeping for release(): the per-address key counted (None = exempt) and whether this
+    # connection is still counted, so a second release() is harmless.
+    limit_key: str | None = field(default=None, repr=False)
+    counted: bool = field(default=False, repr=False)
 
 
 class Admission:
-    def __init__(self, config: Config) -> None:
+    """Admission state for one server: per-address table, open count, compiled policy.
+
+    ``now`` arguments are monotonic seconds (``loop.time()``); token expiry uses ``wall``.
+    """
+
+    def __init__(self, config: Config, wall: Clock = time.time) -> None:
         self.config = config
         self.open = 0
+        self.origins = OriginPolicy(config.allowed_origins, config.require_origin)
+        self.verifier = Verifier(config, wall) if config.auth == "jwt" else None
+        self.table = AddressTable(
+            config.max_connect_rate, config.max_connect_burst, config.auth_fail_limit
+        )
 
     def client_address(self, request: Request, peer_ip: str) -> str:
-        return peer_ip
+        """The client's IP: the peer, or X-Forwarded-For's nearest hop behind trusted proxies."""
+        return client_ip(peer_ip, request.header("x-forwarded-for"), self.config.trusted_proxies)
+
+    def _exempt(self, request: Request, client: str) -> bool:
+        """A local client talking to us directly (tests, health checks) skips per-address limits."""
+        return is_loopback(parse_ip(client)) and "x-forwarded-for" not in request.headers
 
     def admit(self, request: Request, peer_ip: str, now: float) -> Admitted:
         """Raise HttpError (401/403/429/503 with a short reason) or return Admitted."""
-        if self.open >= self.config.max_connections:
-            raise HttpError(503, "server full", {"Retry-After": "5"})
+        cfg = self.config
+        client = self.client_address(request, peer_ip)
+        key = limit_key(client)
+        self._check_blocked(key, now)
+        exempt = self._exempt(request, client)
+        entry = None if exempt else self.table.get(key, now)
+        if entry is not None:
+            wait = self.table.take(entry, now)
+            if wait:
+                raise HttpError(429, "too many new connections", retry_after(wait))
+        if not self.origins.allows(request.headers.get("origin")):
+            raise HttpError(403, "origin not allowed")
+        if self.open >= cfg.max_connections:
+            raise HttpError(503, "server full", retry_after(FULL_RETRY))
+        if entry is not None and entry.open >= cfg.max_connections_per_ip:
+            raise HttpError(429, "too many connections", retry_after(PER_IP_RETRY))
+        admitted = self._token(request, client, key, now)
         self.open += 1
-        return Admitted(client_ip=peer_ip)
+        if entry is not None:
+            entry.open += 1
+            admitted.limit_key = key
+        admitted.counted = True
+        return admitted
 
     def release(self, admitted: Admitted) -> None:
-        """The admitted connection has closed."""
+        """The admitted connection has closed (a second call for the same one does nothing)."""
+        if not admitted.counted:
+            return
+        admitted.counted = False
         self.open -= 1
+        if admitted.limit_key is not None:
+            entry = self.table.peek(admitted.limit_key)
+            if entry is not None and entry.open > 0:
+                entry.open -= 1
 
     def authenticate(self, request: Request, peer_ip: str, now: float) -> Admitted:
         """Token check only (for GET /ice-servers); raises HttpError(401/429)."""
-        return Admitted(client_ip=peer_ip)
+        client = self.client_address(request, peer_ip)
+        if self.verifier is None:
+            return Admitted(client_ip=client)
+        key = limit_key(client)
+        self._check_blocked(key, now)
+        return self._token(request, client, key, now)
+
+    def sweep(self, now: float) -> int:
+        """Drop idle per-address entries; call from a periodic timer (e.g. every 60 s)."""
+        return self.table.sweep(now)
 
     def warnings(self) -> list[str]:
         """Start-up warnings, e.g. a public listener with no origin allow-list."""
-        return []
+        cfg = self.config
+        out = []
+        if not cfg.allowed_origins and not _loopback_host(cfg.host):
+            out.append(
+                f"listening on {cfg.host or 'all interfaces'} with no --allowed-origins: "
+                "any web page can open a signaling connection from its visitors' browsers"
+            )
+        if cfg.auth == "jwt":
+            secret = hmac_secret(cfg)
+            if secret is not None and len(secret) < SHORT_SECRET:
+                out.append(
+                    f"JWT secret is {len(secret)} bytes; use at least {SHORT_SECRET} random "
+                    "bytes (e.g. openssl rand -base64 48) or tokens can be forged"
+                )
+        return out
+
+    # --- internals
+
+    def _check_blocked(self, key: str, now: float) -> None:
+        wait = self.table.blocked(self.table.peek(key), now)
+        if wait:
+            raise HttpError(429, "too many failed logins", retry_after(wait))
+
+    def _token(self, request: Request, client: str, key: str, now: float) -> Admitted:
+        """Check the token when auth is on; a failure counts towards the address's block."""
+        if self.verifier is None:
+            return Admitted(client_ip=client)
+        token = token_from_request(request)
+        try:
+            if token is None:
+                raise TokenError("missing token")
+            claims = self.verifier.verify(token)
+        except TokenError as exc:
+            self.table.fail(self.table.get(key, now), now)
+            raise HttpError(401, exc.reason, {"WWW-Authenticate": "Bearer"}) from None
+        return Admitted(client_ip=client, user=claims.user, rooms=claims.rooms, meta=claims.meta)
+
+
+def _loopback_host(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def room_allowed(patterns: tuple[str, ...] | None, room: str) -> bool:

@@ -374,7 +374,10 @@ static int run_traffic(int mode) { /* 0 fanout, 1 latency, 2 rooms */
   if (mode == 2) { for (int p = 0; p < o_window; p++) rooms_send(p); next_pair = o_window % npairs; }
   for (;;) {
     double t = now_s();
-    if (!measuring && t >= tw) { measuring = sampling = 1; d0 = deliveries; s0 = sent; c0 = cpu_s(); tw = t; }
+    if (!measuring && t >= tw) {
+      measuring = sampling = 1; d0 = deliveries; s0 = sent; c0 = cpu_s(); tw = t;
+      printf("{\"event\":\"measure\"}\n"); fflush(stdout);  /* the driver samples server CPU here */
+    }
     if (t >= tend) break;
     if (deliveries != last_d) { last_d = deliveries; last_t = t; }
     else if (t - last_t > 3 && sent) { stalled = 1; break; }
@@ -391,6 +394,7 @@ static int run_traffic(int mode) { /* 0 fanout, 1 latency, 2 rooms */
   }
   double t1 = now_s(), c1 = cpu_s(), win = t1 - tw;
   uint64_t dd = deliveries - d0, ds = sent - s0;
+  printf("{\"event\":\"end\"}\n"); fflush(stdout);
   if (mode == 1) { double te = now_s() + 0.5; while (now_s() < te) poll_ms(5); }
   sampling = 0;
   printf("{\"mode\":\"%s\",\"n\":%d,\"payload_bytes\":%zu,\"connect_s\":%.3f,\"measure_s\":%.3f,\"stalled\":%s,",

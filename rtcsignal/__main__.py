@@ -1,0 +1,3 @@
+from rtcsignal.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""Command line: ``rtcsignal serve`` and ``rtcsignal token``; flags derive from config.SETTINGS."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+
+from rtcsignal import logs
+from rtcsignal.config import SETTINGS, Config, ConfigError, load_config
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for s in SETTINGS:
+        group = groups.get(s.group) or groups.setdefault(s.group, parser.add_argument_group(s.group))
+        default = Config.__dataclass_fields__[s.name].default
+        help_text = f"{s.help} (env {s.env}; default {default!r})"
+        if s.flag_only_true:
+            group.add_argument(s.flag, dest=s.name, action="store_const", const=True,
+                               default=None, help=help_text)
+        else:
+            group.add_argument(s.flag, dest=s.name, default=None, metavar="VALUE",
+                               help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rtcsignal", description="WebRTC signaling server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument("--config", help="TOML settings file (env RTCSIGNAL_CONFIG)")
+    _add_settings(serve)
+    token = sub.add_parser("token", help="mint a test JWT with the configured HMAC secret")
+    token.add_argument("--sub", required=True, help="subject (user id)")
+    token.add_argument("--rooms", default=None, help="comma list of rooms or prefix* patterns")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until exp")
+    token.add_argument("--config", help="TOML settings file")
+    _add_settings(token)
+    return parser
+
+
+def _resolve(args: argparse.Namespace) -> Config:
+    flags = {s.name: getattr(args, s.name) for s in SETTINGS}
+    return load_config(flags, file=args.config)
+
+
+def _serve(config: Config) -> int:
+    from rtcsignal.server.service import SignalingService
+
+    logs.configure(config.log_level, config.log_format)
+
+    async def main() -> None:
+        service = SignalingService(config)
+        await service.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(service.shutdown()))
+        await service.wait_closed()
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
+    return 0
+
+
+def _token(config: Config, args: argparse.Namespace) -> int:
+    from rtcsignal.security.tokens import mint
+
+    rooms = [r.strip() for r in args.rooms.split(",") if r.strip()] if args.rooms else None
+    print(mint(config, sub=args.sub, rooms=rooms, ttl=args.ttl))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = _resolve(args)
+        if args.command == "token":
+            return _token(config, args)
+        return _serve(config)
+    except ConfigError as exc:
+        print(f"rtcsignal: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"rtcsignal: cannot start: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,97 @@
+"""Counters for ``GET /metrics`` (Prometheus text format 0.0.4), plain ints on the hot path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+OTHER_TYPE = "_other"
+
+
+class Metrics:
+    """Message types are client-chosen, so only the first ``max_types`` distinct ones get a
+    label of their own; the rest count as ``_other`` (bounded memory and scrape size)."""
+
+    def __init__(self, max_types: int = 64) -> None:
+        self.max_types = max_types
+        self.connections_total = 0
+        self.disconnects: dict[str, int] = {}
+        self.received: dict[str, int] = {}
+        self.relayed: dict[str, int] = {}
+        self.deliveries = 0
+        self.errors: dict[str, int] = {}
+        self.rejected: dict[int, int] = {}
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.heartbeat_timeouts = 0
+        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+
+    def label(self, kind: str, table: dict[str, int]) -> str:
+        if kind in table or len(table) < self.max_types:
+            return kind
+        return OTHER_TYPE
+
+    def count_received(self, kind: str) -> None:
+        table = self.received
+        if kind not in table:
+            kind = self.label(kind, table)
+        table[kind] = table.get(kind, 0) + 1
+
+    def count_relayed(self, kind: str, deliveries: int) -> None:
+        table = self.relayed
+        if kind not in table:
+            kind = self.label(kind, table)
+        table[kind] = table.get(kind, 0) + 1
+        self.deliveries += deliveries
+
+    def count_error(self, code: str) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+    def count_rejected(self, status: int) -> None:
+        self.rejected[status] = self.rejected.get(status, 0) + 1
+
+    def count_disconnect(self, reason: str) -> None:
+        self.disconnects[reason] = self.disconnects.get(reason, 0) + 1
+
+    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        self.gauges[name] = (help_text, read)
+
+    def render(self) -> str:
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} {kind}")
+            for labels, value in samples:
+                out.append(f"{name}{labels} {value:g}" if isinstance(value, float) else
+                           f"{name}{labels} {value}")
+
+        def by(label: str, table: dict) -> list[tuple[str, float]]:
+            return [(f'{{{label}="{_escape(str(k))}"}}', v) for k, v in sorted(table.items())]
+
+        for name, (help_text, read) in sorted(self.gauges.items()):
+            metric(name, "gauge", help_text, [("", read())])
+        metric("rtcsignal_connections_total", "counter", "WebSocket connections accepted",
+               [("", self.connections_total)])
+        metric("rtcsignal_disconnects_total", "counter", "Closed connections by reason",
+               by("reason", self.disconnects))
+        metric("rtcsignal_rejected_total", "counter", "HTTP requests refused before upgrade",
+               by("status", self.rejected))
+        metric("rtcsignal_messages_received_total", "counter", "Client messages by type",
+               by("type", self.received))
+        metric("rtcsignal_messages_relayed_total", "counter", "Messages relayed by type",
+               by("type", self.relayed))
+        metric("rtcsignal_deliveries_total", "counter", "Relayed copies written to receivers",
+               [("", self.deliveries)])
+        metric("rtcsignal_errors_total", "counter", "Error messages sent by code",
+               by("code", self.errors))
+        metric("rtcsignal_heartbeat_timeouts_total", "counter",
+               "Connections dropped for a missed ping", [("", self.heartbeat_timeouts)])
+        metric("rtcsignal_bytes_received_total", "counter", "WebSocket bytes read",
+               [("", self.bytes_in)])
+        metric("rtcsignal_bytes_sent_total", "counter", "WebSocket bytes written",
+               [("", self.bytes_out)])
+        return "\n".join(out) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -1,0 +1,196 @@
+"""SignalingService: the running server and its Python API for embedding applications."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from rtcsignal.config import Config
+from rtcsignal.core.hub import Hooks, Hub, Peer
+from rtcsignal.core.metrics import Metrics
+from rtcsignal.protocol import frames
+from rtcsignal.protocol.http import Request
+from rtcsignal.security.admission import Admission
+
+if TYPE_CHECKING:
+    from rtcsignal.server.connection import Connection
+
+log = logging.getLogger("rtcsignal")
+
+#: Connections handled per event-loop turn by a heartbeat tick, so a tick over 10,000
+#: connections never holds the loop for more than a fraction of a millisecond per slice.
+HEARTBEAT_SLICE = 256
+
+
+def text_frame(data: bytes) -> bytes:
+    return frames.encode_frame(frames.OP_TEXT, data)
+
+
+class SignalingService:
+    """Owns the hub, the listener, the heartbeat and the write coalescing.
+
+    Hooks: ``service.on_connect(peer, request) -> None | (close_code, reason)`` runs right
+    after the upgrade and before the greeting; ``service.hooks.on_join``, ``on_message`` and
+    ``on_disconnect`` are described in ``rtcsignal.core.hub.Hooks``.
+    """
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config = config or Config()
+        self.metrics = Metrics(config.metrics_max_types)
+        self.hooks = Hooks()
+        self.hub = Hub(
+            frame=text_frame,
+            clock=time.monotonic,
+            metrics=self.metrics,
+            default_room=not config.no_default_room,
+            max_rooms_per_peer=config.max_rooms_per_peer,
+            max_peers_per_room=config.max_peers_per_room,
+            max_meta_size=config.max_meta_size,
+            hooks=self.hooks,
+        )
+        self.admission = Admission(config)
+        self.on_connect: Callable[[Peer, Request], tuple[int, str] | None] | None = None
+        self.connections: set[Connection] = set()  # open WebSocket sessions in the hub
+        self.live: set[Connection] = set()  # every socket, until connection_lost
+        self.sessions = 0  # upgraded sockets not yet lost (drain waits for 0)
+        self.draining = False
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._dirty: list[Connection] = []
+        self._flush_scheduled = False
+        self._heartbeat: asyncio.TimerHandle | None = None
+        self._closed: asyncio.Event | None = None
+        self._all_gone: asyncio.Event | None = None
+        self.metrics.gauge("rtcsignal_connections_open", "Open WebSocket connections",
+                           lambda: len(self.hub.peers))
+        self.metrics.gauge("rtcsignal_rooms_open", "Named rooms with members",
+                           lambda: len(self.hub.rooms))
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind and start serving; ``self.port`` is the bound port afterwards."""
+        from rtcsignal.server.connection import Connection
+
+        self.loop = asyncio.get_running_loop()
+        self._closed = asyncio.Event()
+        cfg = self.config
+        ctx = None
+        if cfg.certfile:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(cfg.certfile, cfg.keyfile)
+        self._server = await self.loop.create_server(
+            lambda: Connection(self), cfg.host, cfg.port, ssl=ctx, backlog=4096,
+            reuse_address=True,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._heartbeat = self.loop.call_later(cfg.heartbeat_interval, self._heartbeat_tick)
+        for line in self.admission.warnings():
+            log.warning(line)
+        scheme = "wss" if ctx else "ws"
+        log.info("listening", extra={"fields": {
+            "url": f"{scheme}://{cfg.host}:{self.port}{cfg.path}"}})
+
+    async def shutdown(self) -> None:
+        """Graceful stop: refuse new sessions, close every client with 1001, wait up to
+        ``drain_timeout`` for them to go, then drop what is left and close the listener."""
+        assert self._closed is not None, "service was not started"
+        if self.draining:
+            await self._closed.wait()
+            return
+        self.draining = True
+        log.info("shutting down", extra={"fields": {"clients": len(self.connections)}})
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        for conn in list(self.connections):
+            conn.close(frames.CLOSE_GOING_AWAY, "server shutting down")
+        self._all_gone = asyncio.Event()
+        self.connection_gone()
+        try:
+            await asyncio.wait_for(self._all_gone.wait(), self.config.drain_timeout)
+        except TimeoutError:
+            pass
+        for conn in list(self.live):
+            conn.transport.abort()
+        if self._server is not None:
+            self._server.close()
+        self._flush()
+        log.info("stopped")
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        assert self._closed is not None, "service was not started"
+        await self._closed.wait()
+
+    def connection_gone(self) -> None:
+        """A socket closed; during drain, wake shutdown once no WebSocket is left."""
+        if self._all_gone is not None and self.sessions == 0:
+            self._all_gone.set()
+
+    # --- write coalescing ---------------------------------------------------------------
+
+    def mark_dirty(self, conn: Connection) -> None:
+        self._dirty.append(conn)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dirty = self._dirty
+        self._dirty = []
+        total = 0
+        for conn in dirty:
+            total += conn.flush()
+        self.metrics.bytes_out += total
+
+    # --- heartbeat ----------------------------------------------------------------------
+
+    def _heartbeat_tick(self) -> None:
+        self._heartbeat = self.loop.call_later(self.config.heartbeat_interval, self._heartbeat_tick)
+        self._heartbeat_slice(list(self.connections), 0)
+
+    def _heartbeat_slice(self, conns: list[Connection], start: int) -> None:
+        end = start + HEARTBEAT_SLICE
+        for conn in conns[start:end]:
+            conn.heartbeat()
+        if end < len(conns):
+            self.loop.call_soon(self._heartbeat_slice, conns, end)
+
+    # --- the server-side API ------------------------------------------------------------
+
+    def clients_count(self) -> int:
+        """Connected WebSocket clients (the greeting's ``clientsCount``)."""
+        return len(self.hub.peers)
+
+    def broadcast_to_all(self, message: dict[str, Any]) -> int:
+        """Send ``message`` to every connected client; returns how many."""
+        return self.hub.broadcast(message)
+
+    def send_to_peer(self, peer_id: str, message: dict[str, Any]) -> bool:
+        """Send ``message`` to one peer; False if no such peer is connected."""
+        return self.hub.send_to_peer(peer_id, message)
+
+    def send_to_room(self, room: str, message: dict[str, Any]) -> int:
+        """Send ``message`` to every member of ``room``; returns how many."""
+        return self.hub.send_to_room(room, message)
+
+    def room_peers(self, room: str) -> list[dict[str, Any]]:
+        """``[{"peerId", "meta"}, ...]`` of a named room, in join order."""
+        return self.hub.room_peers(room)
+
+    def rooms(self) -> list[str]:
+        """Names of the rooms that have members."""
+        return list(self.hub.rooms)
+
+
+async def serve(config: Config | None = None, service: SignalingService | None = None) -> None:
+    """Run a server inside the current event loop until ``service.shutdown()`` completes."""
+    service = service or SignalingService(config)
+    await service.start()
+    await service.wait_closed()

@@ -15,7 +15,9 @@ from rtcsignal.config import SETTINGS, Config, ConfigError, load_config
 def _add_settings(parser: argparse.ArgumentParser) -> None:
     groups: dict[str, argparse._ArgumentGroup] = {}
     for s in SETTINGS:
-        group = groups.get(s.group) or groups.setdefault(s.group, parser.add_argument_group(s.group))
+        if s.group not in groups:
+            groups[s.group] = parser.add_argument_group(s.group)
+        group = groups[s.group]
         default = Config.__dataclass_fields__[s.name].default
         help_text = f"{s.help} (env {s.env}; default {default!r})"
         if s.flag_only_true:

@@ -139,10 +139,14 @@ _size.allowed = "a size in bytes >= 1 (suffix k or m for KiB/MiB)"  # type: igno
 class Setting:
     name: str
     parse: Callable[[Any], Any]
-    default: Any
     help: str
     group: str = "server"
     flag_only_true: bool = False  # a boolean flag without a value (--no-default-room)
+
+    @property
+    def default(self) -> Any:
+        """Defaults live on ``Config`` only, so they are stated once."""
+        return Config.__dataclass_fields__[self.name].default
 
     @property
     def flag(self) -> str:
@@ -157,67 +161,127 @@ LOOPBACK = "127.0.0.0/8,::1/128"
 
 SETTINGS: tuple[Setting, ...] = (
     # server
-    Setting("host", _text, "127.0.0.1", "address to listen on"),
-    Setting("port", _int(0, 65535), 8083, "TCP port (0 picks a free one)"),
-    Setting("path", _path_setting, "/signaling", "WebSocket endpoint path"),
-    Setting("heartbeat_interval", _float(0, strict=True), 30.0,
-            "seconds between WebSocket pings; a peer that missed the previous ping is dropped"),
-    Setting("drain_timeout", _float(0), 10.0,
-            "seconds graceful shutdown waits for clients to close before exiting"),
-    Setting("handshake_timeout", _float(0, strict=True), 10.0,
-            "seconds a connection may take to complete its HTTP request / upgrade"),
-    Setting("close_timeout", _float(0, strict=True), 3.0,
-            "seconds to wait for a peer to answer our close frame before dropping the socket"),
-    Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "log level"),
-    Setting("log_format", _choice("auto", "json", "text"), "auto",
-            "log line format; auto = text on a terminal, JSON otherwise"),
-    Setting("certfile", _text, "", "TLS certificate (PEM) to serve wss:// and https:// directly", "tls"),
-    Setting("keyfile", _text, "", "TLS private key (PEM) for --certfile", "tls"),
+    Setting("host", _text, "address to listen on"),
+    Setting("port", _int(0, 65535), "TCP port (0 picks a free one)"),
+    Setting("path", _path_setting, "WebSocket endpoint path"),
+    Setting(
+        "heartbeat_interval",
+        _float(0, strict=True),
+        "seconds between WebSocket pings; a peer that missed the previous ping is dropped",
+    ),
+    Setting(
+        "drain_timeout",
+        _float(0),
+        "seconds graceful shutdown waits for clients to close before exiting",
+    ),
+    Setting(
+        "handshake_timeout",
+        _float(0, strict=True),
+        "seconds a connection may take to complete its HTTP request / upgrade",
+    ),
+    Setting(
+        "close_timeout",
+        _float(0, strict=True),
+        "seconds to wait for a peer to answer our close frame before dropping the socket",
+    ),
+    Setting("log_level", _choice("debug", "info", "warning", "error"), "log level"),
+    Setting(
+        "log_format",
+        _choice("auto", "json", "text"),
+        "log line format; auto = text on a terminal, JSON otherwise",
+    ),
+    Setting(
+        "certfile", _text, "TLS certificate (PEM) to serve wss:// and https:// directly", "tls"
+    ),
+    Setting("keyfile", _text, "TLS private key (PEM) for --certfile", "tls"),
     # rooms
-    Setting("no_default_room", _bool, False,
-            "require every connection to join a named room (no broadcast-to-all room)", "rooms", True),
-    Setting("max_rooms_per_peer", _int(1), 8, "rooms one connection may be in at once", "rooms"),
-    Setting("max_peers_per_room", _int(0), 0, "peers per named room; 0 = unlimited", "rooms"),
-    Setting("max_meta_size", _size, 1024, "bytes of JSON a peer's meta object may take", "rooms"),
+    Setting(
+        "no_default_room",
+        _bool,
+        "require every connection to join a named room (no broadcast-to-all room)",
+        "rooms",
+        True,
+    ),
+    Setting("max_rooms_per_peer", _int(1), "rooms one connection may be in at once", "rooms"),
+    Setting("max_peers_per_room", _int(0), "peers per named room; 0 = unlimited", "rooms"),
+    Setting("max_meta_size", _size, "bytes of JSON a peer's meta object may take", "rooms"),
     # limits
-    Setting("max_message_size", _size, 64 * 1024,
-            "largest WebSocket message accepted; larger closes with 1009", "limits"),
-    Setting("max_send_buffer", _size, 1024 * 1024,
-            "unsent bytes queued for one connection before it is closed with 1013", "limits"),
-    Setting("max_header_size", _size, 8 * 1024, "largest HTTP request head accepted", "limits"),
-    Setting("rate_limit", _float(0, strict=True), 50.0,
-            "messages per second one connection may send (token bucket rate)", "limits"),
-    Setting("rate_burst", _float(1), 200.0, "token bucket size for --rate-limit", "limits"),
-    Setting("max_connections", _int(1), 20000, "open connections in total (503 beyond)", "limits"),
-    Setting("max_connections_per_ip", _int(1), 64,
-            "open connections per client address (429 beyond)", "limits"),
-    Setting("max_connect_rate", _float(0, strict=True), 20.0,
-            "new connections per second per client address", "limits"),
-    Setting("max_connect_burst", _float(1), 40.0, "burst for --max-connect-rate", "limits"),
-    Setting("metrics_max_types", _int(0), 64,
-            "distinct message types labelled in /metrics (the rest count as _other)", "limits"),
+    Setting(
+        "max_message_size",
+        _size,
+        "largest WebSocket message accepted; larger closes with 1009",
+        "limits",
+    ),
+    Setting(
+        "max_send_buffer",
+        _size,
+        "unsent bytes queued for one connection before it is closed with 1013",
+        "limits",
+    ),
+    Setting("max_header_size", _size, "largest HTTP request head accepted", "limits"),
+    Setting(
+        "rate_limit",
+        _float(0, strict=True),
+        "messages per second one connection may send (token bucket rate)",
+        "limits",
+    ),
+    Setting("rate_burst", _float(1), "token bucket size for --rate-limit", "limits"),
+    Setting("max_connections", _int(1), "open connections in total (503 beyond)", "limits"),
+    Setting(
+        "max_connections_per_ip",
+        _int(1),
+        "open connections per client address (429 beyond)",
+        "limits",
+    ),
+    Setting(
+        "max_connect_rate",
+        _float(0, strict=True),
+        "new connections per second per client address",
+        "limits",
+    ),
+    Setting("max_connect_burst", _float(1), "burst for --max-connect-rate", "limits"),
+    Setting(
+        "metrics_max_types",
+        _int(0),
+        "distinct message types labelled in /metrics (the rest count as _other)",
+        "limits",
+    ),
     # security
-    Setting("allowed_origins", _list, (),
-            "browser Origins allowed to connect (patterns: *, https://*.example.com); empty = all",
-            "security"),
-    Setting("require_origin", _bool, False, "refuse requests without an Origin header", "security",
-            True),
-    Setting("trusted_proxies", _networks, LOOPBACK,
-            "proxies whose X-Forwarded-For is believed (CIDR list)", "security"),
-    Setting("auth", _choice("none", "jwt"), "none", "client authentication", "security"),
-    Setting("jwt_secret", _text, "", "HMAC secret for HS256/384/512 tokens", "security"),
-    Setting("jwt_secret_file", _text, "", "file holding the HMAC secret", "security"),
-    Setting("jwt_public_key_file", _list, (),
-            "PEM public key files for RS256/ES256/EdDSA tokens (several for rotation)", "security"),
-    Setting("jwt_audience", _text, "", "required aud claim (checked when set)", "security"),
-    Setting("jwt_issuer", _text, "", "required iss claim (checked when set)", "security"),
-    Setting("auth_fail_limit", _int(1), 10,
-            "failed token checks per address per minute before 429 for a minute", "security"),
+    Setting(
+        "allowed_origins",
+        _list,
+        "browser Origins allowed to connect (patterns: *, https://*.example.com); empty = all",
+        "security",
+    ),
+    Setting("require_origin", _bool, "refuse requests without an Origin header", "security", True),
+    Setting(
+        "trusted_proxies",
+        _networks,
+        "proxies whose X-Forwarded-For is believed (CIDR list)",
+        "security",
+    ),
+    Setting("auth", _choice("none", "jwt"), "client authentication", "security"),
+    Setting("jwt_secret", _text, "HMAC secret for HS256/384/512 tokens", "security"),
+    Setting("jwt_secret_file", _text, "file holding the HMAC secret", "security"),
+    Setting(
+        "jwt_public_key_file",
+        _list,
+        "PEM public key files for RS256/ES256/EdDSA tokens (several for rotation)",
+        "security",
+    ),
+    Setting("jwt_audience", _text, "required aud claim (checked when set)", "security"),
+    Setting("jwt_issuer", _text, "required iss claim (checked when set)", "security"),
+    Setting(
+        "auth_fail_limit",
+        _int(1),
+        "failed token checks per address per minute before 429 for a minute",
+        "security",
+    ),
     # TURN
-    Setting("turn_secret", _text, "", "coturn use-auth-secret shared secret", "turn"),
-    Setting("turn_urls", _list, (), "TURN server URLs handed to clients", "turn"),
-    Setting("turn_ttl", _int(60), 3600, "seconds TURN credentials stay valid", "turn"),
-    Setting("stun_urls", _list, (), "STUN server URLs handed to clients", "turn"),
+    Setting("turn_secret", _text, "coturn use-auth-secret shared secret", "turn"),
+    Setting("turn_urls", _list, "TURN server URLs handed to clients", "turn"),
+    Setting("turn_ttl", _int(60), "seconds TURN credentials stay valid", "turn"),
+    Setting("stun_urls", _list, "STUN server URLs handed to clients", "turn"),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}

@@ -27,7 +27,9 @@ CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_TRY_AGAIN = 1013
 
-_VALID_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+_VALID_CLOSE_CODES = frozenset(
+    {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
+)
 
 
 class ProtocolError(Exception):
@@ -156,9 +158,7 @@ class FrameReader:
                 break
             payload = unmask(buf[head + 4 : end], buf[head : head + 4])
             pos = end
-            if op >= 8:
-                out.append((op, payload))
-            elif fin and op != OP_CONT:
+            if op >= 8 or (fin and op != OP_CONT):
                 out.append((op, payload))
             elif op != OP_CONT:  # first fragment
                 self._frag = [payload]

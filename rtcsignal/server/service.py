@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -111,10 +112,8 @@ class SignalingService:
             conn.close(frames.CLOSE_GOING_AWAY, "server shutting down")
         self._all_gone = asyncio.Event()
         self.connection_gone()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._all_gone.wait(), self.config.drain_timeout)
-        except TimeoutError:
-            pass
         for conn in list(self.live):
             conn.transport.abort()
         if self._server is not None:

@@ -18,8 +18,7 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
         if s.group not in groups:
             groups[s.group] = parser.add_argument_group(s.group)
         group = groups[s.group]
-        default = Config.__dataclass_fields__[s.name].default
-        help_text = f"{s.help} (env {s.env}; default {default!r})"
+        help_text = f"{s.help} (env {s.env}; default {s.default!r})"
         if s.flag_only_true:
             group.add_argument(s.flag, dest=s.name, action="store_const", const=True,
                                default=None, help=help_text)

@@ -146,7 +146,8 @@ class Setting:
     @property
     def default(self) -> Any:
         """Defaults live on ``Config`` only, so they are stated once."""
-        return Config.__dataclass_fields__[self.name].default
+        f = Config.__dataclass_fields__[self.name]
+        return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
 
     @property
     def flag(self) -> str:

@@ -11,6 +11,7 @@ message visits that room's members only.
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 from collections.abc import Callable, Iterable
@@ -22,6 +23,8 @@ from rtcsignal.core import messages
 from rtcsignal.core.messages import ErrorCode, MessageError
 from rtcsignal.core.metrics import Metrics
 from rtcsignal.core.ratelimit import TokenBucket
+
+log = logging.getLogger("rtcsignal")
 
 ROOM_NAME = re.compile(r"[A-Za-z0-9._~:@-]{1,128}")
 
@@ -129,6 +132,7 @@ class Hub:
         self.max_peers_per_room = max_peers_per_room
         self.max_meta_size = max_meta_size
         self.hooks = hooks or Hooks()
+        self.debug = False  # log every message received and relayed (costly; set at start)
         self.peers: dict[str, Peer] = {}
         self.rooms: dict[str, Room] = {}
         self.lobby: Room | None = Room("", presence=False) if default_room else None
@@ -236,6 +240,9 @@ class Hub:
 
     def handle_text(self, peer: Peer, text: bytes) -> None:
         """One text message from ``peer``: rate-limit, parse once, act or relay."""
+        if self.debug:
+            log.debug("message", extra={"fields": {
+                "peer": peer.id, "addr": peer.address, "bytes": len(text)}})
         if not self._admit_rate(peer):
             return
         try:
@@ -270,6 +277,9 @@ class Hub:
                 target.sink.send(frame)
                 n += 1
         self.metrics.count_relayed(kind, n)
+        if self.debug:
+            log.debug("relayed", extra={"fields": {
+                "peer": peer.id, "addr": peer.address, "type": kind, "recipients": n}})
 
     def handle_binary(self, peer: Peer) -> None:
         if self._admit_rate(peer):
@@ -346,6 +356,8 @@ class Hub:
 
     def send_error(self, peer: Peer, exc: MessageError) -> None:
         self.metrics.count_error(exc.code)
+        log.info("error", extra={"fields": {
+            "peer": peer.id, "addr": peer.address, "code": exc.code}})
         peer.sink.send(self.frame(messages.error(exc.code, exc.message, exc.ref)))
 
     def _send_many(self, peers: Iterable[Peer], obj: dict[str, Any]) -> int:

@@ -79,6 +79,7 @@ class SignalingService:
         from rtcsignal.server.connection import Connection
 
         self.loop = asyncio.get_running_loop()
+        self.hub.debug = log.isEnabledFor(logging.DEBUG)
         self._closed = asyncio.Event()
         cfg = self.config
         ctx = None

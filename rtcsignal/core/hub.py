@@ -292,13 +292,16 @@ class Hub:
         if peer.bucket.take(now):
             peer.limited_since = None
             return True
+        quiet = peer.limited_since is not None  # log the start of a flood, not every refusal
         if peer.limited_since is None:
             peer.limited_since = now
         elif now - peer.limited_since >= RATE_LIMIT_CLOSE_AFTER:
             self.metrics.count_error(ErrorCode.RATE_LIMITED)
             peer.sink.close(CLOSE_POLICY, ErrorCode.RATE_LIMITED)
             return False
-        self.send_error(peer, MessageError(ErrorCode.RATE_LIMITED, "too many messages; slow down"))
+        self.send_error(
+            peer, MessageError(ErrorCode.RATE_LIMITED, "too many messages; slow down"), quiet
+        )
         return False
 
     def _command(self, peer: Peer, kind: str, obj: dict[str, Any]) -> None:
@@ -354,10 +357,12 @@ class Hub:
 
     # --- sending ----------------------------------------------------------------------
 
-    def send_error(self, peer: Peer, exc: MessageError) -> None:
+    def send_error(self, peer: Peer, exc: MessageError, quiet: bool = False) -> None:
+        """Answer ``peer`` with an error message; logged unless ``quiet`` (floods)."""
         self.metrics.count_error(exc.code)
-        log.info("error", extra={"fields": {
-            "peer": peer.id, "addr": peer.address, "code": exc.code}})
+        if not quiet:
+            log.info("error", extra={"fields": {
+                "peer": peer.id, "addr": peer.address, "code": exc.code}})
         peer.sink.send(self.frame(messages.error(exc.code, exc.message, exc.ref)))
 
     def _send_many(self, peers: Iterable[Peer], obj: dict[str, Any]) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from rtcsignal.config import ConfigError
 from rtcsignal.security.origins import Origin, OriginPolicy, parse_origin
@@ -17,8 +19,19 @@ def test_parse_origin_normalises_case_and_default_port() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["null", "", "example.com", "https://", "https://a.com/path", "https://u@a.com",
-     "https://a.com:x", "https://a.com:99999", "https://[::1", "https://[::1]x", "1http://a.com"],
+    [
+        "null",
+        "",
+        "example.com",
+        "https://",
+        "https://a.com/path",
+        "https://u@a.com",
+        "https://a.com:x",
+        "https://a.com:99999",
+        "https://[::1",
+        "https://[::1]x",
+        "1http://a.com",
+    ],
 )
 def test_parse_origin_rejects_non_origins(text: str) -> None:
     assert parse_origin(text) is None
@@ -88,3 +101,16 @@ def test_missing_origin_allowed_unless_required() -> None:
 def test_bad_pattern_is_a_config_error(bad: str) -> None:
     with pytest.raises(ConfigError, match="allowed_origins"):
         OriginPolicy((bad,))
+
+
+_label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
+
+
+@given(st.lists(_label, min_size=1, max_size=4))
+def test_wildcard_matches_any_subdomain_depth(labels: list[str]) -> None:
+    p = OriginPolicy(("https://*.example.com",))
+    sub = ".".join(labels)
+    assert p.allows(f"https://{sub}.example.com")
+    assert not p.allows(f"https://example.com.{sub}")
+    assert not p.allows(f"https://{sub}example.com")
+    assert not p.allows(f"http://{sub}.example.com")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from rtcsignal.security.proxies import client_ip, is_loopback, limit_key, parse_ip
 
@@ -96,3 +98,25 @@ def test_limit_key_groups_ipv6_by_64() -> None:
     assert limit_key("2001:db8:1:3::1") != limit_key("2001:db8:1:2::1")
     assert limit_key("192.0.2.1") == "192.0.2.1"
     assert limit_key("") == ""
+
+
+# --- properties
+
+_trusted_ips = st.sampled_from(["10.0.0.1", "10.2.3.4", "127.0.0.1"])
+_public_ips = st.ip_addresses(v=4).map(str).filter(lambda s: not s.startswith(("10.", "127.")))
+
+
+@given(st.lists(st.one_of(_trusted_ips, _public_ips), min_size=1, max_size=12))
+def test_result_is_rightmost_untrusted_hop(chain: list[str]) -> None:
+    got = client_ip("127.0.0.1", ", ".join(chain), PROXIES)
+    untrusted = [ip for ip in chain if not ip.startswith(("10.", "127."))]
+    if untrusted:
+        # the rightmost untrusted entry: nothing left of it can be chosen
+        assert got == untrusted[-1]
+    else:
+        assert got == chain[0]
+
+
+@given(st.lists(_public_ips, min_size=1, max_size=5), _public_ips)
+def test_untrusted_peer_never_believes_xff(chain: list[str], peer: str) -> None:
+    assert client_ip(peer, ", ".join(chain), PROXIES) == peer

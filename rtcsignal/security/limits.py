@@ -9,8 +9,9 @@ evicted, which at worst forgets some rate/failure history of addresses not seen 
 than anyone else. Entries with open connections are never evicted; there are at most
 ``max_connections`` of those.
 
-Cost: one entry is a slotted object with six fields (~100 bytes), its key string (~50-70
-bytes) and an OrderedDict slot (~100 bytes): roughly 250-300 bytes, ~30 MB at the 100k cap.
+Cost (measured on CPython 3.11): ~195 bytes per entry (slotted object with six fields, its
+floats, the OrderedDict slot) plus the key string (~55 bytes for IPv4, ~70 for an IPv6 /64):
+about 250 bytes, so ~25 MB for a table full at the 100k cap.
 """
 
 from __future__ import annotations

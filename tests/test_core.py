@@ -48,7 +48,7 @@ async def test_peer_ids_unique_over_many_connections(server):
     seen = set()
     for _ in range(4):
         batch = await asyncio.gather(*(open_client(server.url()) for _ in range(25)))
-        for ws, greeting in batch:
+        for _ws, greeting in batch:
             assert URL_SAFE_ID.fullmatch(greeting["peerId"])
             seen.add(greeting["peerId"])
         await close_all([ws for ws, _ in batch])

@@ -11,6 +11,8 @@
  *   loadgen --port P --mode storm   --n 5000 [--conc 64]
  *   loadgen --port P --mode idle    --levels 1000,5000,10000   (one JSON line per level,
  *                                    then waits for a line on stdin: "n" next level, "q" quit)
+ * --sources K binds client i to 127.100.0.1 + (i % K): each client its own address, as real
+ * peers are (servers with per-address limits would otherwise refuse the 65th client).
  * Prints one JSON object per line on stdout; the last line is the result.
  */
 #define _GNU_SOURCE
@@ -45,7 +47,7 @@ typedef struct Conn {
 /* options */
 static const char *o_host = "127.0.0.1", *o_path = "/signaling", *o_mode = "fanout";
 static const char *o_payload, *o_levels = "1000", *o_room_prefix = "r";
-static int o_port = 8083, o_n = 10, o_conc = 64, o_window = 0;
+static int o_port = 8083, o_n = 10, o_conc = 64, o_window = 0, o_sources = 0;
 static double o_dur = 5, o_warm = 1, o_rate = 20, o_timeout = 120;
 
 static int ep;
@@ -151,6 +153,12 @@ static Conn *dial(int idx) {
   c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
   if (c->fd < 0) die_json("socket (RLIMIT_NOFILE?)");
   int one = 1; setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  if (o_sources > 0) { /* one loopback source address per client, as distinct peers would have */
+    struct sockaddr_in s = {.sin_family = AF_INET};
+    s.sin_addr.s_addr = htonl((127u << 24 | 100u << 16) + 1 + idx % o_sources);
+    setsockopt(c->fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+    if (bind(c->fd, (struct sockaddr *)&s, sizeof s)) die_json("bind source address");
+  }
   struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(o_port)};
   inet_pton(AF_INET, o_host, &a.sin_addr);
   c->st = S_TCP; c->wantout = 1;
@@ -428,6 +436,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(k, "--payload")) o_payload = v;
     else if (!strcmp(k, "--levels")) o_levels = v;
     else if (!strcmp(k, "--room-prefix")) o_room_prefix = v;
+    else if (!strcmp(k, "--sources")) o_sources = atoi(v);
     else { fprintf(stderr, "unknown option %s\n", k); return 2; }
   }
   struct rlimit rl; getrlimit(RLIMIT_NOFILE, &rl); rl.rlim_cur = rl.rlim_max; setrlimit(RLIMIT_NOFILE, &rl);

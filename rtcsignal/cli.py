@@ -51,9 +51,9 @@ def _serve(config: Config) -> int:
     from rtcsignal.server.service import SignalingService
 
     logs.configure(config.log_level, config.log_format)
+    service = SignalingService(config)  # raises ConfigError for unreadable keys, bad patterns
 
     async def main() -> None:
-        service = SignalingService(config)
         await service.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

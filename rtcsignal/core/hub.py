@@ -169,7 +169,7 @@ class Hub:
                 ErrorCode.TOO_MANY_ROOMS, f"at most {self.max_rooms_per_peer} rooms", ref
             )
         meta = self._check_meta(peer, meta, ref)
-        if not _room_allowed(peer.allowed_rooms, name):
+        if not room_allowed(peer.allowed_rooms, name):
             raise MessageError(ErrorCode.FORBIDDEN, f"not allowed to join {name}", ref)
         room = self.rooms.get(name)
         if room is not None and 0 < self.max_peers_per_room <= len(room.members):
@@ -396,7 +396,8 @@ class Hub:
         return [{"peerId": pid, "meta": room.meta[pid]} for pid in room.members]
 
 
-def _room_allowed(patterns: tuple[str, ...] | None, room: str) -> bool:
+def room_allowed(patterns: tuple[str, ...] | None, room: str) -> bool:
+    """A token's rooms claim: exact names or 'prefix*' patterns; None allows every room."""
     if patterns is None:
         return True
     return any(room.startswith(p[:-1]) if p.endswith("*") else room == p for p in patterns)

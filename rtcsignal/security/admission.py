@@ -169,10 +169,3 @@ def _loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def room_allowed(patterns: tuple[str, ...] | None, room: str) -> bool:
-    """A token's rooms claim: exact names or 'prefix*' patterns; None allows every room."""
-    if patterns is None:
-        return True
-    return any(room.startswith(p[:-1]) if p.endswith("*") else room == p for p in patterns)

@@ -153,6 +153,7 @@ class SignalingService:
 
     def _heartbeat_tick(self) -> None:
         self._heartbeat = self.loop.call_later(self.config.heartbeat_interval, self._heartbeat_tick)
+        self.admission.sweep(self.loop.time())
         self._heartbeat_slice(list(self.connections), 0)
 
     def _heartbeat_slice(self, conns: list[Connection], start: int) -> None:

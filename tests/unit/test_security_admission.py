@@ -9,8 +9,9 @@ import jwt
 import pytest
 
 from rtcsignal.config import Config
+from rtcsignal.core.hub import room_allowed
 from rtcsignal.protocol.http import HttpError, Request
-from rtcsignal.security.admission import Admission, Admitted, room_allowed
+from rtcsignal.security.admission import Admission, Admitted
 
 SECRET = "admission-test-secret-" + "x" * 42
 WALL = 1_700_000_000.0

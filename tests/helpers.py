@@ -65,6 +65,7 @@ class RawClient:
         self.writer = writer
         self.auto_pong = auto_pong
         self.pings = 0
+        self.ping_seen = asyncio.Condition()
 
     @classmethod
     async def open(cls, host: str, port: int, path: str = "/signaling",
@@ -106,12 +107,32 @@ class RawClient:
         while True:
             op, payload = await self.recv_frame(timeout)
             if op == OP_PING:
-                self.pings += 1
                 if self.auto_pong:
                     self.send_frame(OP_PONG, payload)
+                async with self.ping_seen:
+                    self.pings += 1
+                    self.ping_seen.notify_all()
                 continue
             assert op == OP_TEXT, (op, payload)
             return payload.decode()
+
+    def pump(self) -> tuple[asyncio.Task[None], asyncio.Queue[str]]:
+        """Read in the background (answering pings if ``auto_pong``); texts go to a queue."""
+        queue: asyncio.Queue[str] = asyncio.Queue()
+
+        async def run() -> None:
+            while True:
+                queue.put_nowait(await self.recv_text(timeout=3600))
+
+        return asyncio.ensure_future(run()), queue
+
+    async def wait_pings(self, count: int, timeout: float) -> None:
+        """Until ``pings`` reaches ``count`` (needs a running ``pump``)."""
+        async def wait() -> None:
+            async with self.ping_seen:
+                await self.ping_seen.wait_for(lambda: self.pings >= count)
+
+        await asyncio.wait_for(wait(), timeout)
 
     def send_frame(self, op: int, payload: bytes) -> None:
         mask = os.urandom(4)

@@ -119,7 +119,7 @@ class Server:
     def __init__(self, name: str, template: str, a: argparse.Namespace):
         self.name = name
         self.port = free_port()
-        cmd = template.format(port=self.port, repo=REPO, node_dir=a.node_dir, bin=BIN)
+        cmd = template.format(port=self.port, path=a.path, repo=REPO, node_dir=a.node_dir, bin=BIN)
         logdir = os.path.join(HERE, "results", "logs")
         os.makedirs(logdir, exist_ok=True)
         self.logpath = os.path.join(logdir, f"{name}-{self.port}.log")
@@ -379,7 +379,7 @@ def main() -> int:
                     help="comma list of " + ",".join(SCENARIOS) + " or 'all'")
     ap.add_argument("--servers", default="rtcsignal,node",
                     help="comma list of rtcsignal, node, relay (trivial C relay: loadgen headroom)")
-    ap.add_argument("--server-cmd", help="template for rtcsignal ({port}, {repo}); default: "
+    ap.add_argument("--server-cmd", help="template for rtcsignal ({port}, {path}, {repo}); default: "
                     + RTCSIGNAL_TEMPLATE)
     ap.add_argument("--node-dir", default=os.path.normpath(
         os.path.join(REPO, "..", "shared", "reference", "original-node")))

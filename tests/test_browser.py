@@ -1,0 +1,175 @@
+"""Issue 2, points 3 and 8 in a real browser: headless Chromium (system package) against the
+server subprocess: the test page, HTML-injection safety, and unchanged original client code."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.helpers import close_all, open_client, recv_json, send_json
+
+playwright_api = pytest.importorskip("playwright.async_api")
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+WAIT_MS = 10_000
+
+XSS = "<img src=x onerror=window.__pwned=1>"
+
+pytestmark = pytest.mark.skipif(shutil.which("chromium") is None and not shutil.which(CHROMIUM),
+                                reason="chromium is not installed (make test installs it)")
+
+
+@pytest.fixture
+async def browser():
+    async with playwright_api.async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=WAIT_MS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+async def test_test_page_greets_sends_and_renders_text_safely(server, browser):
+    py, _ = await open_client(server.url())
+    page = await browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.goto(server.http("/test-signaling.html"), timeout=WAIT_MS)
+
+    await page.wait_for_function(
+        "() => document.getElementById('status').textContent === 'connected'", timeout=WAIT_MS)
+    await page.wait_for_function(
+        "() => document.getElementById('clients').textContent === '2'", timeout=WAIT_MS)
+    greeting = await page.text_content("#greeting")
+    assert greeting == "Connected to signaling server"
+    page_peer = await page.text_content("#peer")
+    assert page_peer and page_peer != "?"
+
+    # A typed message from the page reaches the python client, stamped with the page's id.
+    await page.fill("#type", "browser-note")
+    await page.fill("#data", "hello from chromium")
+    await page.click("#sendbtn")
+    assert await recv_json(py) == {"type": "browser-note", "data": "hello from chromium",
+                                   "from": page_peer}
+
+    # Hostile text from the python client is shown as text, never parsed as HTML.
+    await send_json(py, {"type": "chat", "data": XSS, "html": f"<b>{XSS}</b>"})
+    await page.wait_for_function(
+        "() => [...document.querySelectorAll('#log div')]"
+        ".some(d => d.textContent.includes('onerror'))",
+        timeout=WAIT_MS)
+    shown = await page.evaluate(
+        "[...document.querySelectorAll('#log div')].map(d => d.textContent)")
+    assert any(XSS in line for line in shown), shown
+    assert await page.evaluate("document.querySelectorAll('img, b').length") == 0
+    assert await page.evaluate("typeof window.__pwned") == "undefined"
+    # A hostile message type too.
+    await send_json(py, {"type": XSS})
+    await page.wait_for_function(
+        "() => [...document.querySelectorAll('#log div')].filter(d => d.textContent.includes("
+        "'onerror')).length >= 2", timeout=WAIT_MS)
+    assert await page.evaluate("document.querySelectorAll('img').length") == 0
+    assert await page.evaluate("typeof window.__pwned") == "undefined"
+    assert errors == []
+    await close_all([py])
+
+
+# The kind of client code written for the original Node.js ``ws`` server, unchanged:
+# new WebSocket(url), JSON.parse, a switch on data.type, offer/answer/ice-candidate relay.
+ORIGINAL_CLIENT = """<!doctype html><html><body><script>
+const signalingServer = new WebSocket(SIGNALING_URL);
+const pc = new RTCPeerConnection({ iceServers: [] });
+window.received = [];
+window.clientsCount = null;
+window.dcMessage = null;
+let chain = Promise.resolve();
+signalingServer.onmessage = (event) => {
+  const data = JSON.parse(event.data);
+  window.received.push(data);
+  chain = chain.then(async () => {
+    switch (data.type) {
+      case 'connected':
+        window.clientsCount = data.clientsCount;
+        window.peerId = data.peerId;
+        break;
+      case 'offer': {
+        await pc.setRemoteDescription(data.offer);
+        const answer = await pc.createAnswer();
+        await pc.setLocalDescription(answer);
+        signalingServer.send(JSON.stringify({ type: 'answer', answer }));
+        break;
+      }
+      case 'answer':
+        await pc.setRemoteDescription(data.answer);
+        break;
+      case 'ice-candidate':
+        if (data.candidate) await pc.addIceCandidate(data.candidate);
+        break;
+      default:
+        break;
+    }
+  }).catch((e) => { window.failure = String(e); });
+};
+pc.onicecandidate = (e) => {
+  if (e.candidate) signalingServer.send(JSON.stringify({ type: 'ice-candidate', candidate: e.candidate }));
+};
+pc.ondatachannel = (e) => { e.channel.onmessage = (m) => { window.dcMessage = m.data; }; };
+window.call = async () => {
+  const dc = pc.createDataChannel('chat');
+  dc.onopen = () => dc.send('hello over webrtc');
+  const offer = await pc.createOffer();
+  await pc.setLocalDescription(offer);
+  signalingServer.send(JSON.stringify({ type: 'offer', offer }));
+};
+window.sendMessage = (message) => signalingServer.send(JSON.stringify(message));
+</script></body></html>"""
+
+
+async def test_original_client_code_works_unchanged(server, browser):
+    html = ORIGINAL_CLIENT.replace("SIGNALING_URL", json.dumps(server.url()))
+
+    async def open_page():
+        context = await browser.new_context()
+        page = await context.new_page()
+        # The application page lives on the server's loopback origin (Chromium's local
+        # network access checks refuse a public origin talking to 127.0.0.1).
+        await page.goto(server.http("/healthz"), timeout=WAIT_MS)
+        await page.set_content(html, timeout=WAIT_MS)
+        await page.wait_for_function("() => window.clientsCount !== null", timeout=WAIT_MS)
+        return page
+
+    caller = await open_page()
+    callee = await open_page()
+    assert await caller.evaluate("window.clientsCount") == 1
+    assert await callee.evaluate("window.clientsCount") == 2
+    py, greeting = await open_client(server.url())
+    assert greeting["clientsCount"] == 3
+    caller_id = await caller.evaluate("window.peerId")
+
+    await caller.evaluate("window.call()")
+    # The offer went to the others (python client included), stamped with the caller's id.
+    offer = await recv_json(py)
+    assert offer["type"] == "offer" and offer["from"] == caller_id
+    assert offer["offer"]["type"] == "offer" and offer["offer"]["sdp"].startswith("v=0")
+    await callee.wait_for_function(
+        "() => window.received.some(m => m.type === 'offer')", timeout=WAIT_MS)
+    await caller.wait_for_function(
+        "() => window.received.some(m => m.type === 'answer')", timeout=WAIT_MS)
+    # A custom message from python reaches both pages through the same switch.
+    await send_json(py, {"type": "custom", "n": 7})
+    for page in (caller, callee):
+        await page.wait_for_function(
+            "() => window.received.some(m => m.type === 'custom' && m.n === 7)", timeout=WAIT_MS)
+        assert await page.evaluate("window.failure || null") is None
+        # The page never received its own messages back.
+        own = await page.evaluate(
+            "window.received.filter(m => m.from === window.peerId).length")
+        assert own == 0
+    # The two browsers connect peer-to-peer with what the server relayed.
+    await callee.wait_for_function("() => window.dcMessage !== null", timeout=WAIT_MS)
+    assert await callee.evaluate("window.dcMessage") == "hello over webrtc"
+    await close_all([py])

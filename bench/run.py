@@ -350,6 +350,22 @@ def measure(name, template, sc, n, payload, rep, a) -> dict:
     return res
 
 
+def meta(a: argparse.Namespace) -> dict:
+    """Where and on what the run happened (a line without "server": summarize.py skips it)."""
+    def sh(cmd: str) -> str:
+        try:
+            return subprocess.run(cmd, shell=True, capture_output=True, text=True, cwd=REPO,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"meta": True, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:],
+            "nproc": os.cpu_count(), "uname_r": os.uname().release,
+            "python": sh(f"{REPO}/.venv/bin/python --version") or sys.version.split()[0],
+            "node": sh("node --version"), "git_head": sh("git rev-parse --short HEAD"),
+            "rtcsignal_dirty": sh("git status --porcelain -- rtcsignal") != ""}
+
+
 def emit(res: dict, out: str) -> None:
     line = json.dumps(res)
     print(line, flush=True)
@@ -436,6 +452,7 @@ def main() -> int:
         if s not in RUNNERS:
             ap.error(f"unknown scenario {s!r}")
 
+    emit(meta(a), a.out)
     results = []
     for rep in range(a.reps):
         order = names if rep % 2 == 0 else names[::-1]  # flip the order every repetition

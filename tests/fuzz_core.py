@@ -1,0 +1,348 @@
+"""Fuzz target for the message parser and the routing core (issue 5).
+
+Run:  python -m tests.fuzz_core --seconds 300      (or: make fuzz, FUZZ_SECONDS=300)
+
+Hypothesis generates the inputs; the run repeats batches of examples until the time is up
+and stops at the first failure, printing the (shrunk) falsifying example. Targets:
+
+- ``frames_random``: arbitrary bytes, fed in arbitrary chunks, into ``FrameReader.feed``.
+  Only ``ProtocolError`` (with code 1002, 1007 or 1009) may come out; every message it
+  returns has a valid opcode and size; memory held stays within max_size + one chunk.
+- ``frames_valid``: well-formed client streams (fragmented messages with control frames
+  interleaved), fed in arbitrary chunks: the reader returns exactly the messages sent.
+- ``hub``: a Hub with several peers in rooms receives arbitrary bytes and arbitrary JSON
+  messages (join/leave/ping/relay with odd ``to``/``room``/``id``/``meta``/``from``, deeply
+  nested values), binary frames and disconnects. ``handle_text`` must never raise, every
+  frame the hub sends must be a JSON object with a string ``type``, and the bookkeeping must
+  stay consistent (room members <-> peer rooms, no empty rooms, default room = peers in no
+  named room, limits respected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from rtcsignal.core.hub import Hooks, Hub, Peer
+from rtcsignal.core.ratelimit import TokenBucket
+from rtcsignal.protocol.frames import FrameReader, ProtocolError
+
+MAX_SIZE = 512
+VALID_OPS = {0x1, 0x2, 0x8, 0x9, 0xA}
+ROOMS = ["a", "b", "c", "d.e", "", "bad name", "x" * 129]
+TYPES = ["join", "leave", "ping", "offer", "answer", "ice-candidate", "connected", "error",
+         "joined", "left", "peer-joined", "peer-left", "pong", "", "x" * 65]
+KEYS = ["type", "to", "room", "id", "meta", "from", "sdp", "candidate"]
+
+
+# --- frame reader ---------------------------------------------------------------------------
+
+
+def client_frame(op: int, payload: bytes, fin: bool, mask: bytes) -> bytes:
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | op])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def feed_chunks(reader: FrameReader, stream: bytes, cuts: list[int]) -> list[tuple[int, bytes]]:
+    """Feed ``stream`` in chunks; check the memory bound after every chunk: the partial
+    message (<= max_size) plus the frame in progress (its header, and at most a 125-byte
+    control payload beyond max_size) plus the chunk just fed."""
+    out: list[tuple[int, bytes]] = []
+    pos = 0
+    for c in [*cuts, len(stream)]:
+        chunk = stream[pos : pos + c]
+        pos += len(chunk)
+        out += reader.feed(chunk)
+        assert reader.buffered() <= reader.max_size + 14 + 125 + len(chunk), reader.buffered()
+        if pos >= len(stream):
+            break
+    return out
+
+
+def check_messages(out: list[tuple[int, bytes]]) -> None:
+    for op, payload in out:
+        assert op in VALID_OPS, op
+        assert len(payload) <= (125 if op >= 8 else MAX_SIZE), (op, len(payload))
+
+
+def make_frame_targets(batch: int) -> list[Callable[[], None]]:
+    cfg = settings(max_examples=batch, deadline=None, database=None,
+                   suppress_health_check=list(HealthCheck),
+                   phases=[Phase.generate, Phase.target, Phase.shrink])
+
+    # Random bytes, with a bias towards plausible headers so the reader gets past byte 2.
+    header_byte = st.integers(0, 255)
+    plausible = st.builds(
+        lambda b0, ln, body: bytes([b0, 0x80 | ln]) + body,
+        st.sampled_from([0x01, 0x02, 0x00, 0x81, 0x82, 0x80, 0x88, 0x89, 0x8A, 0x83, 0xC1,
+                         0x09]) | header_byte,
+        st.integers(0, 127),
+        st.binary(max_size=140),
+    )
+    streams = st.lists(st.binary(max_size=200) | plausible, max_size=12).map(b"".join)
+
+    @cfg
+    @given(streams, st.lists(st.integers(1, 64), max_size=30))
+    def frames_random(stream: bytes, cuts: list[int]) -> None:
+        reader = FrameReader(MAX_SIZE)
+        try:
+            out = feed_chunks(reader, stream, cuts)
+        except ProtocolError as exc:
+            assert exc.code in (1002, 1007, 1009), exc.code
+            return
+        check_messages(out)
+
+    control = st.tuples(st.sampled_from([0x8, 0x9, 0xA]), st.binary(max_size=125))
+    message = st.tuples(
+        st.sampled_from([0x1, 0x2]),
+        st.lists(st.binary(max_size=200), min_size=1, max_size=5),  # fragments
+        st.lists(st.lists(control, max_size=2), min_size=4, max_size=4),  # between them
+    )
+
+    @cfg
+    @given(st.lists(message | control, max_size=8), st.lists(st.integers(1, 300), max_size=20),
+           st.binary(min_size=4, max_size=4))
+    def frames_valid(items: list[Any], cuts: list[int], mask: bytes) -> None:
+        stream, expected = b"", []
+        for item in items:
+            if isinstance(item[1], bytes):  # a lone control frame
+                op, payload = item
+                stream += client_frame(op, payload, True, mask)
+                expected.append((op, payload))
+                continue
+            op, frags, between = item
+            total = b"".join(frags)
+            if len(total) > MAX_SIZE:
+                continue
+            for i, frag in enumerate(frags):
+                last = i == len(frags) - 1
+                stream += client_frame(op if i == 0 else 0x0, frag, last, mask)
+                if not last:
+                    for cop, cpayload in between[i % 4]:
+                        stream += client_frame(cop, cpayload, True, mask)
+                        expected.append((cop, cpayload))
+            expected.append((op, total))
+        reader = FrameReader(MAX_SIZE)
+        assert feed_chunks(reader, stream, cuts) == expected
+        assert reader.buffered() == 0
+
+    return [frames_random, frames_valid]
+
+
+# --- hub -----------------------------------------------------------------------------------
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.closed = False
+
+    def send(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+    def close(self, code: int, reason: str) -> None:
+        assert isinstance(code, int) and isinstance(reason, str)
+        self.closed = True
+
+
+def json_values(max_depth: int) -> st.SearchStrategy[Any]:
+    scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**64)
+               | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))
+    nested = st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=6), inner, max_size=4),
+        max_leaves=12,
+    )
+
+    def deep(depth: int, kind: str, leaf: Any) -> Any:
+        v = leaf
+        for _ in range(depth):
+            v = [v] if kind == "list" else {"k": v}
+        return v
+
+    deeply = st.builds(deep, st.integers(0, max_depth), st.sampled_from(["list", "dict"]),
+                       scalars)
+    return nested | deeply
+
+
+def check_hub(hub: Hub, gone: set[str]) -> None:
+    for name, room in hub.rooms.items():
+        assert room.name == name
+        assert room.members, f"empty room {name!r} kept"
+        assert room.members.keys() == room.meta.keys()
+        if hub.max_peers_per_room:
+            assert len(room.members) <= hub.max_peers_per_room
+        for pid, peer in room.members.items():
+            assert hub.peers.get(pid) is peer, f"{pid} in {name} but not connected"
+            assert peer.rooms.get(name) is room, f"{pid} in {name} but not vice versa"
+    for pid, peer in hub.peers.items():
+        assert peer.id == pid
+        assert len(peer.rooms) <= hub.max_rooms_per_peer
+        for name, room in peer.rooms.items():
+            assert hub.rooms.get(name) is room, f"{pid} thinks it is in {name}"
+            assert room.members.get(pid) is peer
+        if hub.lobby is not None:
+            assert (pid in hub.lobby.members) == (not peer.rooms), pid
+    if hub.lobby is not None:
+        assert hub.lobby.members.keys() <= hub.peers.keys()
+    assert not (gone & hub.peers.keys())
+
+
+def check_frames(sink: Sink) -> None:
+    for frame in sink.frames:
+        obj = json.loads(frame.decode("utf-8"))
+        assert isinstance(obj, dict) and isinstance(obj.get("type"), str), frame
+    sink.frames.clear()
+
+
+def make_hub_target(batch: int, max_depth: int) -> Callable[[], None]:
+    cfg = settings(max_examples=batch, deadline=None, database=None,
+                   suppress_health_check=list(HealthCheck),
+                   phases=[Phase.generate, Phase.target, Phase.shrink])
+    values = json_values(max_depth)
+
+    @cfg
+    @given(st.data(), st.booleans(), st.integers(0, 4), st.sampled_from(["none", "pass",
+                                                                         "rewrite", "drop"]))
+    def hub(data: st.DataObject, default_room: bool, max_peers: int, hook: str) -> None:
+        now = [0.0]
+        hooks = Hooks()
+        if hook == "pass":
+            hooks.on_message = lambda p, m: m
+        elif hook == "rewrite":
+            hooks.on_message = lambda p, m: {"type": "rewritten", "orig": m}
+        elif hook == "drop":
+            hooks.on_message = lambda p, m: None
+        hooks.on_join = lambda p, room, meta: room != "d.e"
+        hub = Hub(clock=lambda: now[0], default_room=default_room, max_rooms_per_peer=3,
+                  max_peers_per_room=max_peers, max_meta_size=256, hooks=hooks)
+        peers: list[Peer] = []
+        gone: set[str] = set()
+        serial = [0]
+
+        def connect() -> None:
+            serial[0] += 1
+            small = data.draw(st.booleans(), label="rate-limited peer")
+            bucket = TokenBucket(1.0, 3.0, now[0]) if small else TokenBucket(1e9, 1e9, 0)
+            p = Peer(Sink(), bucket, peer_id=f"p{serial[0]}",
+                     user=data.draw(st.none() | st.just("u"), label="user"))
+            hub.add(p)
+            peers.append(p)
+
+        for _ in range(data.draw(st.integers(1, 5), label="initial peers")):
+            connect()
+        for _ in range(data.draw(st.integers(0, 4), label="initial joins")):
+            p = data.draw(st.sampled_from(peers))
+            hub.handle_text(p, json.dumps({"type": "join", "room": data.draw(
+                st.sampled_from(ROOMS[:4]))}).encode())
+
+        def field(key: str) -> Any:
+            if key == "to":
+                ids = [p.id for p in peers] + sorted(gone)
+                return data.draw(st.sampled_from(ids) | values if ids else values, label="to")
+            if key == "room":
+                return data.draw(st.sampled_from(ROOMS) | values, label="room")
+            if key == "type":
+                return data.draw(st.sampled_from(TYPES) | values, label="type")
+            return data.draw(values, label=key)
+
+        steps = data.draw(st.integers(1, 25), label="steps")
+        for _ in range(steps):
+            if not peers:
+                connect()
+            action = data.draw(st.sampled_from(
+                ["json", "json", "json", "json", "bytes", "binary", "remove", "connect",
+                 "tick"]), label="action")
+            p = data.draw(st.sampled_from(peers), label="peer")
+            if action == "json":
+                keys = data.draw(st.lists(st.sampled_from(KEYS), unique=True, max_size=6),
+                                 label="keys")
+                obj = {k: field(k) for k in keys}
+                if data.draw(st.booleans(), label="non-object"):
+                    obj = field("x")  # any JSON value, usually not an object
+                text = json.dumps(obj)
+                if data.draw(st.booleans(), label="pad"):
+                    text = " \n" + text + "\t "
+                hub.handle_text(p, text.encode())
+            elif action == "bytes":
+                hub.handle_text(p, data.draw(st.binary(max_size=64), label="raw"))
+            elif action == "binary":
+                hub.handle_binary(p)
+            elif action == "connect":
+                connect()
+            elif action == "tick":
+                now[0] += data.draw(st.sampled_from([0.1, 1.0, 6.0]), label="dt")
+            else:
+                hub.remove(p, data.draw(st.sampled_from(["closed", "timeout"])))
+                peers.remove(p)
+                gone.add(p.id)
+            # A sink closed by the hub (rate limit) is detached by the adapter.
+            for q in list(peers):
+                assert isinstance(q.sink, Sink)
+                check_frames(q.sink)
+                if q.sink.closed:
+                    hub.remove(q, "closed")
+                    peers.remove(q)
+                    gone.add(q.id)
+            check_hub(hub, gone)
+
+    return hub
+
+
+# --- driver --------------------------------------------------------------------------------
+
+
+def run(seconds: float, batch: int = 200, max_depth: int = 600, verbose: bool = True) -> int:
+    """Run every target in turn until ``seconds`` have passed. 0 = nothing found."""
+    targets = [*make_frame_targets(batch), make_hub_target(batch, max_depth)]
+    start = time.monotonic()
+    rounds = 0
+    while True:
+        for target in targets:
+            try:
+                target()
+            except Exception:
+                if verbose:
+                    traceback.print_exc()
+                    print(f"FOUND a failure in {target.__name__} after "
+                          f"{time.monotonic() - start:.1f} s", file=sys.stderr)
+                return 1
+        rounds += 1
+        if time.monotonic() - start >= seconds:
+            break
+    if verbose:
+        n = rounds * batch
+        print(f"fuzz_core: {rounds} rounds, ~{n} examples per target ({len(targets)} targets) "
+              f"in {time.monotonic() - start:.1f} s: nothing found")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=300.0)
+    parser.add_argument("--batch", type=int, default=200, help="examples per target per round")
+    parser.add_argument("--max-depth", type=int, default=600,
+                        help="deepest JSON nesting generated (orjson parses up to 1024)")
+    args = parser.parse_args(argv)
+    return run(args.seconds, args.batch, args.max_depth)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

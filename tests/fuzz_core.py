@@ -81,10 +81,14 @@ def check_messages(out: list[tuple[int, bytes]]) -> None:
         assert len(payload) <= (125 if op >= 8 else MAX_SIZE), (op, len(payload))
 
 
-def make_frame_targets(batch: int) -> list[Callable[[], None]]:
-    cfg = settings(max_examples=batch, deadline=None, database=None,
-                   suppress_health_check=list(HealthCheck),
-                   phases=[Phase.generate, Phase.target, Phase.shrink])
+def _settings(batch: int, shrink: bool) -> settings:
+    phases = [Phase.generate, Phase.target] + ([Phase.shrink] if shrink else [])
+    return settings(max_examples=batch, deadline=None, database=None,
+                    suppress_health_check=list(HealthCheck), phases=phases)
+
+
+def make_frame_targets(batch: int, shrink: bool = True) -> list[Callable[[], None]]:
+    cfg = _settings(batch, shrink)
 
     # Random bytes, with a bias towards plausible headers so the reader gets past byte 2.
     header_byte = st.integers(0, 255)
@@ -212,10 +216,8 @@ def check_frames(sink: Sink) -> None:
     sink.frames.clear()
 
 
-def make_hub_target(batch: int, max_depth: int) -> Callable[[], None]:
-    cfg = settings(max_examples=batch, deadline=None, database=None,
-                   suppress_health_check=list(HealthCheck),
-                   phases=[Phase.generate, Phase.target, Phase.shrink])
+def make_hub_target(batch: int, max_depth: int, shrink: bool = True) -> Callable[[], None]:
+    cfg = _settings(batch, shrink)
     values = json_values(max_depth)
 
     @cfg
@@ -309,9 +311,10 @@ def make_hub_target(batch: int, max_depth: int) -> Callable[[], None]:
 # --- driver --------------------------------------------------------------------------------
 
 
-def run(seconds: float, batch: int = 200, max_depth: int = 600, verbose: bool = True) -> int:
+def run(seconds: float, batch: int = 200, max_depth: int = 600, verbose: bool = True,
+        shrink: bool = True) -> int:
     """Run every target in turn until ``seconds`` have passed. 0 = nothing found."""
-    targets = [*make_frame_targets(batch), make_hub_target(batch, max_depth)]
+    targets = [*make_frame_targets(batch, shrink), make_hub_target(batch, max_depth, shrink)]
     start = time.monotonic()
     rounds = 0
     while True:

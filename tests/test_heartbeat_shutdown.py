@@ -45,14 +45,19 @@ async def test_unanswered_pings_terminate_within_three_intervals(run_server):
 
     # The dead client reads pings and never answers; it must be dropped.
     first_ping = None
-    while True:
-        try:
-            op, _payload = await dead.recv_frame(timeout=10 * INTERVAL)
-        except EOFError:
-            break
-        if op == OP_PING and first_ping is None:
-            first_ping = time.monotonic()
-        assert op in (OP_PING, 0x1), op  # pings (and its own join reply), no close frame
+
+    async def read_until_dropped() -> None:
+        nonlocal first_ping
+        while True:
+            try:
+                op, _payload = await dead.recv_frame(timeout=10 * INTERVAL)
+            except EOFError:
+                return
+            if op == OP_PING and first_ping is None:
+                first_ping = time.monotonic()
+            assert op in (OP_PING, 0x1), op  # pings (and its own join reply), no close frame
+
+    await asyncio.wait_for(read_until_dropped(), 10 * INTERVAL)
     dropped = time.monotonic()
     assert first_ping is not None, "the server never sent a WebSocket ping"
     assert dropped - first_ping <= 3 * INTERVAL, dropped - first_ping

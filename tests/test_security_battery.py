@@ -36,6 +36,7 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.rawws import (
     OP_BINARY,
+    OP_CLOSE,
     OP_CONT,
     OP_PING,
     OP_PONG,
@@ -349,6 +350,45 @@ async def test_oversized_control_frame_closes_1002(run_server):
     ws.send(OP_PING, b"p" * 126)
     code, _ = await ws.expect_close()
     assert code == 1002
+    await assert_still_healthy(server, a, b)
+
+
+PROTOCOL_VIOLATIONS = {
+    "ping with a 126-byte body": [build_frame(OP_PING, b"p" * 126)],
+    "fragmented ping": [build_frame(OP_PING, b"p", fin=False)],
+    "RSV1 without an extension": [build_frame(OP_TEXT, b'{"type":"x"}', rsv=4)],
+    "unknown data opcode 0x3": [build_frame(0x3, b'{"type":"x"}')],
+    "unknown control opcode 0xB": [build_frame(0xB, b"")],
+    "new message inside a fragmented one": [build_frame(OP_TEXT, b'{"type"', fin=False),
+                                            build_frame(OP_TEXT, b'{"type":"x"}')],
+    "close frame with a 1-byte body": [build_frame(OP_CLOSE, b"\x03")],
+    "close frame with code 999": [build_frame(OP_CLOSE, (999).to_bytes(2, "big"))],
+}
+
+
+@pytest.mark.parametrize("name", list(PROTOCOL_VIOLATIONS))
+async def test_other_protocol_violations_close_1002(run_server, name):
+    server = run_server()
+    room = unique("r")
+    a, b = await healthy_pair(server, room)
+    ws, hello = await attacker(server, room, b)
+    for frame in PROTOCOL_VIOLATIONS[name]:
+        ws.send_raw(frame)
+    code, _ = await ws.expect_close()
+    assert code == 1002, name
+    left = await b.expect("peer-left")  # nothing was relayed before it left
+    assert left["peerId"] == hello["peerId"]
+    await assert_still_healthy(server, a, b)
+
+
+async def test_close_reason_not_utf8_closes_1007(run_server):
+    server = run_server()
+    room = unique("r")
+    a, b = await healthy_pair(server, room)
+    ws, _ = await attacker(server, room, b)
+    ws.send(OP_CLOSE, (1000).to_bytes(2, "big") + b"\xff\xfe")
+    code, _ = await ws.expect_close()
+    assert code == 1007
     await assert_still_healthy(server, a, b)
 
 

@@ -289,8 +289,12 @@ class Hub:
 
     def _admit_rate(self, peer: Peer) -> bool:
         now = self.clock()
-        if peer.bucket.take(now):
-            peer.limited_since = None
+        bucket = peer.bucket
+        if bucket.take(now):
+            # A flood ends when the client is back under the rate (a spare token left), not
+            # when one message slips through on a refilled token.
+            if peer.limited_since is not None and bucket.tokens >= 1.0:
+                peer.limited_since = None
             return True
         quiet = peer.limited_since is not None  # log the start of a flood, not every refusal
         if peer.limited_since is None:

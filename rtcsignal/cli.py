@@ -54,10 +54,10 @@ def _serve(config: Config) -> int:
     service = SignalingService(config)  # raises ConfigError for unreadable keys, bad patterns
 
     async def main() -> None:
-        await service.start()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT):  # before start(): no window without them
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(service.shutdown()))
+        await service.start()
         await service.wait_closed()
 
     try:

@@ -80,7 +80,7 @@ class SignalingService:
 
         self.loop = asyncio.get_running_loop()
         self.hub.debug = log.isEnabledFor(logging.DEBUG)
-        self._closed = asyncio.Event()
+        self._closed = asyncio.Event()  # from here on shutdown() may be called (signals)
         cfg = self.config
         ctx = None
         if cfg.certfile:
@@ -91,6 +91,9 @@ class SignalingService:
             reuse_address=True,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        if self.draining:  # shutdown() was requested while we were binding
+            self._server.close()
+            return
         self._heartbeat = self.loop.call_later(cfg.heartbeat_interval, self._heartbeat_tick)
         for line in self.admission.warnings():
             log.warning(line)
@@ -194,4 +197,8 @@ async def serve(config: Config | None = None, service: SignalingService | None =
     """Run a server inside the current event loop until ``service.shutdown()`` completes."""
     service = service or SignalingService(config)
     await service.start()
-    await service.wait_closed()
+    try:
+        await service.wait_closed()
+    finally:  # cancelling serve() stops the server gracefully
+        if not service.draining:
+            await service.shutdown()

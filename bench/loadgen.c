@@ -447,9 +447,11 @@ int main(int argc, char **argv) {
   if (!strcmp(o_mode, "latency")) return run_traffic(1);
   if (!strcmp(o_mode, "rooms")) return run_traffic(2);
   if (!strcmp(o_mode, "storm")) {
+    printf("{\"event\":\"measure\"}\n"); fflush(stdout);
     double t0 = now_s(), c0 = cpu_s();
     int ok = open_until(o_n, t0 + o_timeout);
     double dt = now_s() - t0;
+    printf("{\"event\":\"end\"}\n"); fflush(stdout);
     printf("{\"mode\":\"storm\",\"n\":%d,\"conc\":%d,\"ok\":%s,\"greeted\":%d,\"elapsed_s\":%.3f,\"conns_per_s\":%.1f,",
            o_n, o_conc, ok ? "true" : "false", n_greeted, dt, n_greeted / dt);
     print_tail(100 * (cpu_s() - c0) / dt);

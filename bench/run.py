@@ -273,6 +273,8 @@ def sc_rooms(srv, a, n, payload):
 def sc_storm(srv, a, n, payload):
     r = run_loadgen(srv, a, 180, mode="storm", n=n, conc=a.conc, timeout=150)
     r["srv_rss_mib_after"] = round(srv.rss() / 2**20, 1)
+    if r.get("srv_cpu_pct") and r.get("conns_per_s"):
+        r["conns_per_core_s"] = round(r["conns_per_s"] / (r["srv_cpu_pct"] / 100), 1)
     return r
 
 

@@ -61,6 +61,8 @@ EXTRA = [
      "deliveries_per_core_s", "deliveries/core-s"),
     ("fan-out, 1000 receivers, SDP: per server core", "fanout", 1000, "sdp",
      "deliveries_per_core_s", "deliveries/core-s"),
+    ("connection storm: per server core", "storm", 5000, None, "conns_per_core_s",
+     "conns/core-s"),
     ("latency p50, 2 clients", "latency", 2, "ice", "lat_ms.p50", "ms"),
     ("latency p50, 100 clients", "latency", 100, "ice", "lat_ms.p50", "ms"),
     ("latency p50, 1000 clients", "latency", 1000, "ice", "lat_ms.p50", "ms"),

@@ -213,6 +213,7 @@ def chart(by, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {SUBJECT: "tab:blue", ANCHOR: "tab:orange"}
@@ -242,12 +243,19 @@ def chart(by, path: str) -> None:
                          label=names[srv])
     ax1.set(xscale="log", yscale="log", xlabel="receivers", ylabel=f"deliveries/s (median, min{DASH}max)",
             title="Fan-out at saturation (higher is better)")
-    ax2.set(xscale="log", xlabel="clients in the room", ylabel=f"p99 latency, ms (median, min{DASH}max)",
+    ax2.set(xscale="log", yscale="log", xlabel="clients in the room", ylabel=f"p99 latency, ms (median, min{DASH}max)",
             title="Relay latency p99 at 20 msg/s (lower is better)")
     for ax in (ax1, ax2):
         ax.grid(True, which="both", alpha=0.3)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+    lo, hi = ax2.get_ylim()
+    ax2.set_yticks([t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+                    if lo <= t <= hi])
+    ax2.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax2.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -63,7 +63,7 @@ def encode_frame(opcode: int, payload: bytes) -> bytes:
 
 
 def encode_close(code: int, reason: str = "") -> bytes:
-    raw = reason.encode()[:123]
+    raw = reason.encode()[:123].decode(errors="ignore").encode()  # never split a character
     return encode_frame(OP_CLOSE, code.to_bytes(2, "big") + raw)
 
 

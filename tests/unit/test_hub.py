@@ -371,21 +371,39 @@ def test_rate_limit_errors_then_close() -> None:
     for _ in range(2):
         send(hub, a, {"type": "x"})
     assert len(sink(b).drain()) == 2
-    send(hub, a, {"type": "x", "id": 1})  # refused from t=0
+    send(hub, a, {"type": "x", "id": 1})  # over the rate: refused, connection open
     assert [m["code"] for m in sink(a).drain()] == ["rate-limited"]
-    clock.now = 100.0  # a token is back: admitted, and the refusal streak ends
-    send(hub, a, {"type": "x"})
-    assert len(sink(b).drain()) == 1
-    send(hub, a, {"type": "x"})  # refused from t=100
-    clock.now = 100.0 + RATE_LIMIT_CLOSE_AFTER - 0.1
+    assert sink(b).drain() == [] and sink(a).closed == []
+    clock.now = 300.0  # back under the rate (tokens to spare): the refusal streak ends
+    for _ in range(2):
+        send(hub, a, {"type": "x"})
+    assert len(sink(b).drain()) == 2
+    send(hub, a, {"type": "x"})  # refused from t=300
+    clock.now = 300.0 + RATE_LIMIT_CLOSE_AFTER - 0.1
     send(hub, a, {"type": "x"})
     assert [m["code"] for m in sink(a).drain()] == ["rate-limited"] * 2
     assert sink(a).closed == []
-    # Refused without pause for RATE_LIMIT_CLOSE_AFTER seconds: closed with 1008.
-    clock.now = 100.0 + RATE_LIMIT_CLOSE_AFTER
+    # Still over the rate RATE_LIMIT_CLOSE_AFTER seconds into the refusals: closed, 1008.
+    clock.now = 300.0 + RATE_LIMIT_CLOSE_AFTER
     send(hub, a, {"type": "x"})
     assert sink(a).closed == [(1008, "rate-limited")]
     assert sink(b).drain() == []
+
+
+def test_rate_limit_trickle_does_not_reset_the_flood() -> None:
+    """One message let through on a just-refilled token does not end the flood."""
+    clock = Clock()
+    hub = Hub(clock=clock)
+    a = make_peer(hub, "a", bucket=TokenBucket(0.01, 2.0, 0.0))
+    b = make_peer(hub, "b")
+    for _ in range(3):
+        send(hub, a, {"type": "x"})  # the third is refused: the flood starts at t=0
+    clock.now = 100.0  # exactly one token back
+    send(hub, a, {"type": "x"})
+    assert len(sink(b).drain()) == 3
+    assert sink(a).closed == []
+    send(hub, a, {"type": "x"})  # refused 100 s into the flood: closed
+    assert sink(a).closed == [(1008, "rate-limited")]
 
 
 # --- deeply nested JSON (found while writing the fuzz target) ------------------------------

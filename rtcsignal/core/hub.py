@@ -181,10 +181,8 @@ class Hub:
         snapshot = [
             {"peerId": pid, "meta": room.meta[pid], "polite": True} for pid in room.members
         ]
-        joined: dict[str, Any] = {"type": "joined", "room": name, "peers": snapshot}
-        if ref is not None:
-            joined["ref"] = ref
-        peer.sink.send(self.frame(orjson.dumps(joined)))
+        joined = {"type": "joined", "room": name, "peers": snapshot}
+        peer.sink.send(self.frame(messages.reply(joined, ref)))
         if room.members:
             self._send_many(
                 room.members.values(),
@@ -202,10 +200,7 @@ class Hub:
         if room is None:
             raise MessageError(ErrorCode.NOT_IN_ROOM, f"not in room {name}", ref)
         self._leave(peer, room, "left")
-        left: dict[str, Any] = {"type": "left", "room": room.name}
-        if ref is not None:
-            left["ref"] = ref
-        peer.sink.send(self.frame(orjson.dumps(left)))
+        peer.sink.send(self.frame(messages.reply({"type": "left", "room": room.name}, ref)))
 
     def _leave(self, peer: Peer, room: Room, reason: str) -> None:
         del room.members[peer.id]
@@ -226,7 +221,7 @@ class Hub:
             meta = {}
         elif type(meta) is not dict:
             raise MessageError(ErrorCode.INVALID_MESSAGE, "meta must be a JSON object", ref)
-        elif len(orjson.dumps(meta)) > self.max_meta_size:
+        elif len(messages.reencode(meta, "meta")) > self.max_meta_size:
             raise MessageError(
                 ErrorCode.META_TOO_LARGE, f"meta is over {self.max_meta_size} bytes", ref
             )
@@ -264,7 +259,7 @@ class Hub:
                     raise MessageError(ErrorCode.DROPPED, "message dropped by the server",
                                        obj.get("id"))
                 rewritten["from"] = peer.id
-                data = orjson.dumps(rewritten)
+                data = messages.reencode(rewritten)
             else:
                 data = messages.stamp_from(text, obj, peer.id)
         except MessageError as exc:
@@ -311,10 +306,8 @@ class Hub:
     def _command(self, peer: Peer, kind: str, obj: dict[str, Any]) -> None:
         ref = obj.get("id")
         if kind == "ping":
-            if ref is None:
-                peer.sink.send(self.frame(messages.PONG))
-            else:
-                peer.sink.send(self.frame(orjson.dumps({"type": "pong", "ref": ref})))
+            pong = messages.PONG if ref is None else messages.reply({"type": "pong"}, ref)
+            peer.sink.send(self.frame(pong))
         elif kind == "join":
             self.join(peer, obj.get("room"), obj.get("meta"), ref)
         else:

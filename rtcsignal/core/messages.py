@@ -78,7 +78,7 @@ def stamp_from(text: bytes, obj: dict[str, Any], peer_id: str) -> bytes:
     """
     if "from" in obj:
         obj["from"] = peer_id
-        return orjson.dumps(obj)
+        return reencode(obj)
     i = text.find(b"{") + 1
     return b"".join((text[:i], b'"from":"', peer_id.encode(), b'",', text[i:]))
 
@@ -87,11 +87,28 @@ def encode(obj: dict[str, Any]) -> bytes:
     return orjson.dumps(obj)
 
 
-def error(code: str, message: str, ref: Any = None) -> bytes:
-    body: dict[str, Any] = {"type": "error", "code": code, "message": message}
+def reencode(obj: Any, what: str = "message") -> bytes:
+    """Serialise client-supplied JSON again. orjson reads deeper nesting than it writes
+    (1024 vs 254 levels), so a valid message can be impossible to write back."""
+    try:
+        return orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        raise MessageError(ErrorCode.INVALID_MESSAGE, f"{what} is nested too deeply") from None
+
+
+def reply(body: dict[str, Any], ref: Any = None) -> bytes:
+    """A server message, echoing the client's ``id`` as ``ref`` when it can be written back."""
     if ref is not None:
         body["ref"] = ref
+        try:
+            return orjson.dumps(body)
+        except orjson.JSONEncodeError:
+            del body["ref"]
     return orjson.dumps(body)
+
+
+def error(code: str, message: str, ref: Any = None) -> bytes:
+    return reply({"type": "error", "code": code, "message": message}, ref)
 
 
 PONG = orjson.dumps({"type": "pong"})

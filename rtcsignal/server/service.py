@@ -22,9 +22,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rtcsignal")
 
-#: Connections handled per event-loop turn by a heartbeat tick, so a tick over 10,000
-#: connections never holds the loop for more than a fraction of a millisecond per slice.
-HEARTBEAT_SLICE = 256
+#: A heartbeat tick pings connections in slices of this many, spread over the first
+#: HEARTBEAT_SPREAD of the interval, so a tick over 10,000 connections never holds the loop
+#: for more than one slice (well under a millisecond) and relaying goes on in between.
+HEARTBEAT_SLICE = 128
+HEARTBEAT_SPREAD = 0.5
 
 
 def text_frame(data: bytes) -> bytes:
@@ -157,14 +159,17 @@ class SignalingService:
     def _heartbeat_tick(self) -> None:
         self._heartbeat = self.loop.call_later(self.config.heartbeat_interval, self._heartbeat_tick)
         self.admission.sweep(self.loop.time())
-        self._heartbeat_slice(list(self.connections), 0)
+        conns = list(self.connections)
+        slices = -(-len(conns) // HEARTBEAT_SLICE)
+        gap = self.config.heartbeat_interval * HEARTBEAT_SPREAD / max(slices, 1)
+        self._heartbeat_slice(conns, 0, gap)
 
-    def _heartbeat_slice(self, conns: list[Connection], start: int) -> None:
+    def _heartbeat_slice(self, conns: list[Connection], start: int, gap: float) -> None:
         end = start + HEARTBEAT_SLICE
         for conn in conns[start:end]:
             conn.heartbeat()
         if end < len(conns):
-            self.loop.call_soon(self._heartbeat_slice, conns, end)
+            self.loop.call_later(gap, self._heartbeat_slice, conns, end, gap)
 
     # --- the server-side API ------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 from rtcsignal.core.hub import Hooks, Hub, Peer
 from rtcsignal.core.ratelimit import TokenBucket
 from rtcsignal.protocol.frames import FrameReader, ProtocolError
+from tests.unit.sinks import Recorder
 
 MAX_SIZE = 512
 VALID_OPS = {0x1, 0x2, 0x8, 0x9, 0xA}
@@ -152,17 +153,12 @@ def make_frame_targets(batch: int, shrink: bool = True) -> list[Callable[[], Non
 # --- hub -----------------------------------------------------------------------------------
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.frames: list[bytes] = []
-        self.closed = False
-
-    def send(self, frame: bytes) -> None:
-        self.frames.append(frame)
+class Sink(Recorder):
+    """The shared recording sink, also checking the types of what close is given."""
 
     def close(self, code: int, reason: str) -> None:
         assert isinstance(code, int) and isinstance(reason, str)
-        self.closed = True
+        super().close(code, reason)
 
 
 def json_values(max_depth: int) -> st.SearchStrategy[Any]:

@@ -4,7 +4,10 @@ Unlike a WebSocket library it does exactly what it is told: the opening handshak
 written by hand (any path, query and extra headers; or any bytes at all), frames are built
 with a chosen opcode, FIN/RSV bits, mask (or none) and declared length (which may differ from
 the payload actually sent), and incoming frames, close codes and HTTP refusals are returned
-as they arrive. Every read has a timeout so a server bug fails a test instead of hanging it.
+as they arrive. Pings met while waiting for a text message are answered unless the client
+was made with ``auto_pong=False`` (python ``websockets`` always answers them), and they are
+counted either way. Close frames are never answered. Every read has a timeout so a server bug
+fails a test instead of hanging it.
 """
 
 from __future__ import annotations
@@ -85,18 +88,22 @@ class Closed(Exception):
 class RawWS:
     """One TCP connection to the server, spoken to byte by byte."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 auto_pong: bool = True) -> None:
         self.reader = reader
         self.writer = writer
         self.answer: HttpAnswer | None = None
+        self.auto_pong = auto_pong
+        self.pings = 0  # pings seen by recv_text / recv_json (answered or not)
+        self.ping_seen = asyncio.Condition()
 
     # --- connecting
 
     @classmethod
-    async def connect(cls, host: str, port: int, **kw: Any) -> RawWS:
+    async def connect(cls, host: str, port: int, auto_pong: bool = True, **kw: Any) -> RawWS:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, port, **kw), TIMEOUT)
-        return cls(reader, writer)
+        return cls(reader, writer, auto_pong)
 
     @classmethod
     async def open(
@@ -107,9 +114,10 @@ class RawWS:
         headers: dict[str, str] | None = None,
         path: str = "/signaling",
         expect_greeting: bool = True,
+        auto_pong: bool = True,
     ) -> tuple[RawWS, dict[str, Any]]:
         """Connect and upgrade; fails unless the answer is 101. Returns the greeting."""
-        ws = await cls.connect(host, port)
+        ws = await cls.connect(host, port, auto_pong)
         answer = await ws.handshake(query, headers, path, host=f"{host}:{port}")
         assert answer.status == 101, f"upgrade refused: {answer}"
         greeting: dict[str, Any] = {}
@@ -192,15 +200,43 @@ class RawWS:
 
         return await asyncio.wait_for(read(), timeout)
 
-    async def recv_json(self, timeout: float = TIMEOUT) -> dict[str, Any]:
-        """The next text message as JSON, answering pings on the way; fails on a close."""
+    async def recv_text(self, timeout: float = TIMEOUT) -> str:
+        """The next text message; pings on the way are counted, and answered if
+        ``auto_pong``. Fails on any other frame (a close included)."""
         while True:
             op, payload = await self.recv_frame(timeout)
             if op == OP_PING:
-                self.send(OP_PONG, payload)
+                if self.auto_pong:
+                    self.send(OP_PONG, payload)
+                async with self.ping_seen:
+                    self.pings += 1
+                    self.ping_seen.notify_all()
                 continue
             assert op == OP_TEXT, f"expected a text frame, got opcode {op}: {payload!r}"
-            return json.loads(payload)
+            return payload.decode()
+
+    async def recv_json(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """The next text message as JSON (pings handled as by ``recv_text``)."""
+        return json.loads(await self.recv_text(timeout))
+
+    def pump(self) -> tuple[asyncio.Task[None], asyncio.Queue[str]]:
+        """Read in the background (pings handled as by ``recv_text``); texts go to a
+        queue. The task ends with the reading error (``Closed``, a non-text frame)."""
+        queue: asyncio.Queue[str] = asyncio.Queue()
+
+        async def run() -> None:
+            while True:
+                queue.put_nowait(await self.recv_text(timeout=3600))
+
+        return asyncio.ensure_future(run()), queue
+
+    async def wait_pings(self, count: int, timeout: float) -> None:
+        """Until ``pings`` reaches ``count`` (needs a running ``pump``)."""
+        async def wait() -> None:
+            async with self.ping_seen:
+                await self.ping_seen.wait_for(lambda: self.pings >= count)
+
+        await asyncio.wait_for(wait(), timeout)
 
     async def expect_close(self, timeout: float = TIMEOUT) -> tuple[int | None, str]:
         """Read until the server's close frame; returns (code, reason). Text frames before it

@@ -10,17 +10,8 @@ import time
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.helpers import (
-    OP_CLOSE,
-    OP_PING,
-    RawClient,
-    close_all,
-    get,
-    open_client,
-    parse_close,
-    recv_json,
-    send_json,
-)
+from tests.helpers import close_all, get, open_client, recv_json, send_json
+from tests.rawws import OP_CLOSE, OP_PING, Closed, RawWS, close_code
 
 INTERVAL = 0.3
 
@@ -34,10 +25,10 @@ async def test_unanswered_pings_terminate_within_three_intervals(run_server):
     server = run_server("--heartbeat-interval", str(INTERVAL))
     healthy, _ = await open_client(server.url("room=hb"))
     assert (await recv_json(healthy))["type"] == "joined"
-    clock, _ = await RawClient.open(server.host, server.port, auto_pong=True)
+    clock, _ = await RawWS.open(server.host, server.port, auto_pong=True)
     clock_task, clock_texts = clock.pump()
-    dead, dead_greeting = await RawClient.open(server.host, server.port, "/signaling?room=hb",
-                                               auto_pong=False)
+    dead, dead_greeting = await RawWS.open(server.host, server.port, "room=hb",
+                                           auto_pong=False)
     dead_id = dead_greeting["peerId"]
     assert dead_greeting["clientsCount"] == 3
     joined = await recv_json(healthy)
@@ -51,7 +42,7 @@ async def test_unanswered_pings_terminate_within_three_intervals(run_server):
         while True:
             try:
                 op, _payload = await dead.recv_frame(timeout=10 * INTERVAL)
-            except EOFError:
+            except Closed:
                 return
             if op == OP_PING and first_ping is None:
                 first_ping = time.monotonic()
@@ -118,12 +109,12 @@ async def test_readyz_503_while_draining_and_drain_timeout_honoured(run_server):
     server = run_server("--drain-timeout", str(drain), "--close-timeout", "60")
     status, _, body = await get(server, "/readyz")
     assert status == 200, body
-    stuck, _ = await RawClient.open(server.host, server.port, auto_pong=False)
+    stuck, _ = await RawWS.open(server.host, server.port, auto_pong=False)
     polite, _ = await open_client(server.url())
 
     server.proc.send_signal(signal.SIGTERM)
     op, payload = await stuck.recv_frame(timeout=5)
-    assert op == OP_CLOSE and parse_close(payload) == 1001
+    assert op == OP_CLOSE and close_code(payload) == 1001
     # The stuck client never answers the close frame: the server keeps draining.
     server.wait_for(lambda e: e.get("event") == "shutting down", timeout=5)
     status, _, body = await get(server, "/readyz")
@@ -139,7 +130,7 @@ async def test_readyz_503_while_draining_and_drain_timeout_honoured(run_server):
 
     assert await wait_exit(server, drain + 8) == 0
     # The stuck client was dropped when the drain timed out.
-    with pytest.raises(EOFError):
+    with pytest.raises(Closed):
         while True:
             await stuck.recv_frame(timeout=5)
     stuck.close()

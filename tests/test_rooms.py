@@ -9,8 +9,6 @@ a later marker through the same path and asserting the marker is the next thing 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import itertools
 import json
 import os
@@ -20,6 +18,8 @@ from urllib.parse import quote
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.rawws import OP_PING, Closed, RawWS
 
 TIMEOUT = 5.0
 _serial = itertools.count(1)
@@ -138,58 +138,6 @@ def entry(c: Client, meta: dict[str, Any]) -> dict[str, Any]:
 
 async def close_all(*clients: Client) -> None:
     await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
-
-
-# --- raw client that never answers pings --------------------------------------------------
-
-
-class RawClient:
-    """A hand-made WebSocket client over asyncio streams: it reads frames but never
-    answers pings (the websockets client would pong automatically)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, port: int, query: str) -> RawClient:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            f"GET /signaling?{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            f"Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-        lines = head.decode("latin-1").split("\r\n")
-        assert lines[0].startswith("HTTP/1.1 101"), head
-        headers = {k.strip().lower(): v.strip() for k, _, v in
-                   (line.partition(":") for line in lines[1:] if line)}
-        expected = base64.b64encode(hashlib.sha1(
-            key.encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()).decode()
-        assert headers["sec-websocket-accept"] == expected
-        return cls(reader, writer)
-
-    async def frame(self, timeout: float = TIMEOUT) -> tuple[int, bytes]:
-        """Next server frame as (opcode, payload); server frames are unmasked and final."""
-        async def read() -> tuple[int, bytes]:
-            b0, b1 = await self.reader.readexactly(2)
-            assert b1 & 0x80 == 0, "server frames must not be masked"
-            n = b1 & 0x7F
-            if n == 126:
-                n = int.from_bytes(await self.reader.readexactly(2), "big")
-            elif n == 127:
-                n = int.from_bytes(await self.reader.readexactly(8), "big")
-            return b0 & 0x0F, await self.reader.readexactly(n)
-        return await asyncio.wait_for(read(), timeout)
-
-    async def json(self) -> dict[str, Any]:
-        op, payload = await self.frame()
-        assert op == 0x1, (op, payload)
-        return json.loads(payload)
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 # --- 1 presenter + 3 viewers beside a room of 2 --------------------------------------------
@@ -572,24 +520,23 @@ async def test_peer_left_timeout_when_pings_go_unanswered(run_server: Any) -> No
     room = unique("hb")
     a = await open_client(room_url(srv.url(), room), "a")  # answers pings (websockets)
     await a.expect("joined")
-    raw = await RawClient.open(srv.port, f"room={room}")
-    greeting = await raw.json()
+    raw, greeting = await RawWS.open("127.0.0.1", srv.port, f"room={room}", auto_pong=False)
     assert greeting["type"] == "connected"
     raw_id = greeting["peerId"]
-    joined = await raw.json()
+    joined = await raw.recv_json()
     assert joined == {"type": "joined", "room": room, "peers": [entry(a, {})]}
     assert await a.recv() == {"type": "peer-joined", "room": room, "peerId": raw_id,
                               "meta": {}, "polite": False}
 
     # The server pings the raw client, which never answers.
-    op, _ = await raw.frame()
-    assert op == 0x9
+    op, _ = await raw.recv_frame()
+    assert op == OP_PING
     left = await a.recv()
     assert left == {"type": "peer-left", "room": room, "peerId": raw_id, "reason": "timeout"}
     # The raw client's socket was dropped; the answering client is still served.
-    with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
+    with pytest.raises(Closed):
         while True:
-            await raw.frame()
+            await raw.recv_frame()
     raw.close()
     await a.send({"type": "ping", "id": "alive"})
     assert await a.recv() == {"type": "pong", "ref": "alive"}
@@ -743,8 +690,8 @@ async def test_service_on_disconnect_timeout(make_service: Any) -> None:
     gone: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
     svc.hooks.on_disconnect = lambda peer, reason: gone.put_nowait((peer.id, reason))
     room = unique("hb")
-    raw = await RawClient.open(svc.port, f"room={room}")
-    raw_id = (await raw.json())["peerId"]
+    raw, greeting = await RawWS.open("127.0.0.1", svc.port, f"room={room}", auto_pong=False)
+    raw_id = greeting["peerId"]
     assert await asyncio.wait_for(gone.get(), TIMEOUT) == (raw_id, "timeout")
     assert svc.room_peers(room) == []
     raw.close()

@@ -9,23 +9,7 @@ import pytest
 
 from rtcsignal.core.hub import RATE_LIMIT_CLOSE_AFTER, Hooks, Hub, Peer
 from rtcsignal.core.ratelimit import TokenBucket
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.frames: list[bytes] = []
-        self.closed: list[tuple[int, str]] = []
-
-    def send(self, frame: bytes) -> None:
-        self.frames.append(frame)
-
-    def close(self, code: int, reason: str) -> None:
-        self.closed.append((code, reason))
-
-    def drain(self) -> list[dict[str, Any]]:
-        out = [json.loads(f) for f in self.frames]
-        self.frames.clear()
-        return out
+from tests.unit.sinks import Recorder
 
 
 class Clock:

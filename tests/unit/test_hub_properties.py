@@ -31,29 +31,11 @@ from hypothesis.stateful import (
 
 from rtcsignal.core.hub import Hub, Peer
 from rtcsignal.core.ratelimit import TokenBucket
+from tests.unit.sinks import Recorder
 
 ROOM_NAMES = ["a", "b", "c", "room.d", "e:f@g~h_-"]
 BAD_ROOM_NAMES = ["", "with space", "x" * 129, "slash/", "ünï", 7, None, ["a"]]
 META_LIMIT = 64
-
-
-class Recorder:
-    """A sink that keeps every frame (the hub's ``frame`` is the identity: JSON bytes)."""
-
-    def __init__(self) -> None:
-        self.frames: list[bytes] = []
-        self.closed: list[tuple[int, str]] = []
-
-    def send(self, frame: bytes) -> None:
-        self.frames.append(frame)
-
-    def close(self, code: int, reason: str) -> None:
-        self.closed.append((code, reason))
-
-    def drain(self) -> list[dict[str, Any]]:
-        out = [json.loads(f) for f in self.frames]
-        self.frames.clear()
-        return out
 
 
 def meta_size(meta: dict[str, Any]) -> int:

@@ -357,7 +357,10 @@ static int run_traffic(int mode) { /* 0 fanout, 1 latency, 2 rooms */
   Conn *snd = cs[total - 1];
   if (mode == 0) {
     ring = calloc(RING, sizeof *ring);
-    if (!o_window) { o_window = 50000 / o_n; if (o_window < 32) o_window = 32; if (o_window > 4096) o_window = 4096; }
+    /* default window: ~256 KiB of undelivered payload per receiver, whatever N is: enough to keep
+     * a server that coalesces writes busy, bounded so the buffers stay far below the servers'
+     * per-connection send limits (rtcsignal: 1 MiB) */
+    if (!o_window) { o_window = (256 << 10) / pllen; if (o_window < 32) o_window = 32; if (o_window > 4096) o_window = 4096; }
   }
   latcap = mode == 1 ? (size_t)((o_dur + 2) * o_rate + 8) * n_recv : mode == 2 ? 20000000 : 0;
   if (latcap) lat = malloc(latcap * sizeof *lat);

@@ -256,7 +256,7 @@ def idle_clients(srv: Server, a: argparse.Namespace, levels: list[int], at_level
 
 def sc_fanout(srv, a, n, payload):
     return run_loadgen(srv, a, a.duration + 120, mode="fanout", n=n, payload=PAYLOADS[payload],
-                       duration=a.duration, warmup=a.warmup, timeout=90)
+                       duration=a.duration, warmup=a.warmup, timeout=90, window=a.window)
 
 
 def sc_latency(srv, a, n, payload):
@@ -410,6 +410,8 @@ def main() -> int:
     ap.add_argument("--fanout-n", default="100,1000")
     ap.add_argument("--latency-n", default="2,100,1000")
     ap.add_argument("--rooms-n", default="1000,10000")
+    ap.add_argument("--window", type=int, default=0,
+                    help="fanout: messages in flight (0 = auto, see loadgen.c)")
     ap.add_argument("--rooms-window", type=int, default=256, help="rooms: messages in flight")
     ap.add_argument("--storm-n", type=int, default=5000)
     ap.add_argument("--sources", type=int, default=100000,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from functools import lru_cache
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -16,6 +17,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_HOPS = 32  # X-Forwarded-For entries examined; a longer chain is not a real proxy chain
 
 
+@lru_cache(maxsize=4096)  # ipaddress parsing is slow pure Python; addresses repeat
 def parse_ip(text: str) -> IPAddress | None:
     """Parse an address as proxies write it (``1.2.3.4``, ``1.2.3.4:80``, ``[::1]:80``, ``::1``).
 

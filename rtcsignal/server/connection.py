@@ -231,7 +231,6 @@ class Connection(asyncio.Protocol):
     def _protocol_error(self, exc: ProtocolError) -> None:
         log.info("protocol error", extra={"fields": {
             "addr": self.address, "code": exc.code, "reason": exc.reason}})
-        self.out = None
         self.close(exc.code, exc.reason)
 
     def _handshake_timeout(self) -> None:
@@ -297,8 +296,9 @@ class Connection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.transport.write(upgrade_response(accept))
         self.state = OPEN
+        self.out = [upgrade_response(accept)]  # goes out with the greeting: one write
+        svc.mark_dirty(self)
         svc.sessions += 1
         self.opened = time.monotonic()
         self.reader = FrameReader(cfg.max_message_size)

@@ -36,6 +36,11 @@ RTCSIGNAL_TEMPLATE = ("{repo}/.venv/bin/rtcsignal serve --port {port} --path /si
                       "--log-level warning --rate-limit 10000000 --rate-burst 10000000")
 NODE_TEMPLATE = "env PORT={port} node {node_dir}/server.js"
 RELAY_TEMPLATE = "{bin}/relay {port}"
+# engine prototypes of the original design (bench/engines/), for the engine choice
+ENGINE_TEMPLATES = {
+    "websockets": "{repo}/.venv/bin/python {repo}/bench/engines/websockets_relay.py {port}",
+    "picows": "{repo}/.venv/bin/python {repo}/bench/engines/picows_relay.py {port}",
+}
 # servers that implement rooms / addressed messages (the Node original has neither)
 HAS_ROOMS = {"rtcsignal"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -396,7 +401,8 @@ def main() -> int:
     ap.add_argument("--scenario", default="fanout,latency",
                     help="comma list of " + ",".join(SCENARIOS) + " or 'all'")
     ap.add_argument("--servers", default="rtcsignal,node",
-                    help="comma list of rtcsignal, node, relay (trivial C relay: loadgen headroom)")
+                    help="comma list of rtcsignal, node, relay (trivial C relay: loadgen headroom),"
+                    " websockets, picows (engine prototypes, bench/engines/)")
     ap.add_argument("--server-cmd", help="template for rtcsignal ({port}, {path}, {repo}); default: "
                     + RTCSIGNAL_TEMPLATE)
     ap.add_argument("--node-dir", default=os.path.normpath(
@@ -446,7 +452,7 @@ def main() -> int:
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     templates = {"rtcsignal": a.server_cmd or RTCSIGNAL_TEMPLATE, "node": NODE_TEMPLATE,
-                 "relay": RELAY_TEMPLATE}
+                 "relay": RELAY_TEMPLATE, **ENGINE_TEMPLATES}
     names = [s for s in a.servers.split(",") if s]
     for s in names:
         if s not in templates:

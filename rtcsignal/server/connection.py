@@ -137,6 +137,7 @@ class Connection(asyncio.Protocol):
         if self.peer is not None:
             svc.sessions -= 1
             self._detach("closed")
+        if self.peer is not None and log.isEnabledFor(logging.INFO):
             log.info(
                 "disconnect",
                 extra={"fields": {
@@ -331,8 +332,9 @@ class Connection(asyncio.Protocol):
         if cfg.turn_urls or cfg.stun_urls:
             greeting["iceServers"] = ice_servers(cfg, peer.id, time.time())
         self.send(svc.hub.frame(messages.encode(greeting)))
-        log.info("connect", extra={"fields": {
-            "peer": peer.id, "addr": self.address, "clients": len(svc.hub.peers)}})
+        if log.isEnabledFor(logging.INFO):
+            log.info("connect", extra={"fields": {
+                "peer": peer.id, "addr": self.address, "clients": len(svc.hub.peers)}})
         if room is not None:
             try:
                 svc.hub.join(peer, room)

@@ -787,3 +787,21 @@ async def test_failed_auth_throttling(run_server):
     ws.close()
     assert status == 101, (status, body)
     await assert_still_healthy(server, a, b)
+
+
+async def test_websocket_ping_flood_counts_against_the_rate_limit(run_server: Any) -> None:
+    """WebSocket pings cost a token each: past the burst a ping gets `rate-limited`, no pong."""
+    server = run_server("--rate-limit", "1", "--rate-burst", "3")
+    ws, greeting = await RawWS.open(server.host, server.port, "", {})
+    try:
+        assert greeting["type"] == "connected"
+        for i in range(4):
+            ws.send(OP_PING, f"p{i}".encode())
+        answers = [await ws.recv_frame() for _ in range(4)]
+        pongs = [body for op, body in answers if op == OP_PONG]
+        errors = [json.loads(body) for op, body in answers if op == OP_TEXT]
+        assert pongs == [b"p0", b"p1", b"p2"]
+        assert [e["code"] for e in errors] == ["rate-limited"]
+        assert server.alive()
+    finally:
+        ws.close()

@@ -238,7 +238,7 @@ class Hub:
         if self.debug:
             log.debug("message", extra={"fields": {
                 "peer": peer.id, "addr": peer.address, "bytes": len(text)}})
-        if not self._admit_rate(peer):
+        if not self.admit_rate(peer):
             return
         try:
             obj = messages.parse(text)
@@ -277,12 +277,13 @@ class Hub:
                 "peer": peer.id, "addr": peer.address, "type": kind, "recipients": n}})
 
     def handle_binary(self, peer: Peer) -> None:
-        if self._admit_rate(peer):
+        if self.admit_rate(peer):
             self.send_error(peer, MessageError(
                 ErrorCode.BINARY_NOT_SUPPORTED, "binary frames are not supported; send JSON text"
             ))
 
-    def _admit_rate(self, peer: Peer) -> bool:
+    def admit_rate(self, peer: Peer) -> bool:
+        """Spend one of the peer's message tokens (text, binary and WebSocket pings all count)."""
         now = self.clock()
         bucket = peer.bucket
         if bucket.take(now):

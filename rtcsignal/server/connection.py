@@ -102,7 +102,8 @@ class Connection(asyncio.Protocol):
                 elif op == frames.OP_PONG:
                     self.ping_pending = False
                 elif op == frames.OP_PING:
-                    self.send(frames.encode_frame(frames.OP_PONG, payload))
+                    if hub.admit_rate(peer):  # type: ignore[arg-type]  # a ping flood is a flood
+                        self.send(frames.encode_frame(frames.OP_PONG, payload))
                 elif op == frames.OP_CLOSE:
                     self._close_frame_received(payload)
                     return

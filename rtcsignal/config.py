@@ -390,7 +390,4 @@ def load_config(
             continue
         s = BY_NAME[name]
         values[name] = _parse_one(s, raw, f"flag {s.flag}")
-    try:
-        return Config(**values)
-    except ConfigError:
-        raise
+    return Config(**values)

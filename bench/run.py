@@ -33,7 +33,7 @@ PAYLOADS = {"ice": os.path.join(HERE, "payloads", "ice.json"),
             "sdp": os.path.join(HERE, "payloads", "sdp.json")}
 SCENARIOS = ["fanout", "latency", "memory", "storm", "idle", "rooms"]
 RTCSIGNAL_TEMPLATE = ("{repo}/.venv/bin/rtcsignal serve --port {port} --path /signaling "
-                      "--log-level warning --rate-limit 10000000 --rate-burst 10000000")
+                      "--log-level warning --rate-limit 10000000 --rate-burst 10000000 --rate-limit-bytes 1024m --rate-burst-bytes 1024m")
 NODE_TEMPLATE = "env PORT={port} node {node_dir}/server.js"
 RELAY_TEMPLATE = "{bin}/relay {port}"
 # engine prototypes of the original design (bench/engines/), for the engine choice

@@ -216,7 +216,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "max_send_buffer",
         _size,
-        "unsent bytes queued for one connection before it is closed with 1013",
+        "unsent bytes queued for one connection; over it for --slow-reader-timeout, or over "
+        "4 times it at all, closes with 1013",
         "limits",
     ),
     Setting("max_header_size", _size, "largest HTTP request head accepted", "limits"),
@@ -227,11 +228,36 @@ SETTINGS: tuple[Setting, ...] = (
         "limits",
     ),
     Setting("rate_burst", _float(1), "token bucket size for --rate-limit", "limits"),
+    Setting(
+        "rate_limit_bytes",
+        _size,
+        "bytes per second one connection may send (message payloads, pings, pongs)",
+        "limits",
+    ),
+    Setting(
+        "rate_burst_bytes",
+        _size,
+        "byte bucket size for --rate-limit-bytes; at least --max-message-size",
+        "limits",
+    ),
+    Setting(
+        "slow_reader_timeout",
+        _float(0, strict=True),
+        "seconds a connection's send queue may stay over --max-send-buffer before 1013",
+        "limits",
+    ),
     Setting("max_connections", _int(1), "open connections in total (503 beyond)", "limits"),
+    Setting(
+        "max_pending_connections",
+        _int(1),
+        "sockets still sending their HTTP request / upgrade (503 beyond); each holds at most "
+        "--max-header-size bytes",
+        "limits",
+    ),
     Setting(
         "max_connections_per_ip",
         _int(1),
-        "open connections per client address (429 beyond)",
+        "open connections per client address (429 beyond); also caps its pending sockets",
         "limits",
     ),
     Setting(
@@ -312,7 +338,11 @@ class Config:
     max_header_size: int = 8 * 1024
     rate_limit: float = 50.0
     rate_burst: float = 200.0
+    rate_limit_bytes: int = 128 * 1024
+    rate_burst_bytes: int = 512 * 1024
+    slow_reader_timeout: float = 5.0
     max_connections: int = 20000
+    max_pending_connections: int = 1024
     max_connections_per_ip: int = 64
     max_connect_rate: float = 20.0
     max_connect_burst: float = 40.0
@@ -344,6 +374,11 @@ class Config:
             )
         if bool(self.certfile) != bool(self.keyfile):
             raise ConfigError("certfile/keyfile: give both or neither")
+        if self.rate_burst_bytes < self.max_message_size:
+            raise ConfigError(
+                "rate_burst_bytes: must be at least max_message_size "
+                f"({self.max_message_size}), or the largest messages could never pass"
+            )
         if self.turn_urls and not self.turn_secret:
             raise ConfigError("turn_urls: needs --turn-secret")
 

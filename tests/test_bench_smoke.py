@@ -16,7 +16,8 @@ def test_bench_smoke_runs_against_rtcsignal() -> None:
         sys.executable, str(ROOT / "bench" / "run.py"), "--smoke",
         "--server-cmd",
         f"{rtcsignal} serve --port {{port}} --path {{path}} --log-level warning"
-        " --rate-limit 10000000 --rate-burst 10000000",
+        " --rate-limit 10000000 --rate-burst 10000000"
+        " --rate-limit-bytes 1024m --rate-burst-bytes 1024m",
     ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

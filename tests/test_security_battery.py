@@ -232,17 +232,16 @@ async def test_non_object_json_gets_invalid_message(run_server, text):
     await assert_still_healthy(server, a, b)
 
 
-async def test_invalid_utf8_text_frame_is_invalid_json_and_connection_stays(run_server):
-    # docs/protocol.md: invalid-json = "the text is not valid JSON (or not valid UTF-8)";
-    # errors never close the connection unless stated.
+async def test_invalid_utf8_text_frame_closes_1007_and_nothing_is_relayed(run_server):
+    # RFC 6455 8.1: an endpoint MUST fail the connection on text that is not UTF-8 (1007).
     server = run_server()
     room = unique("r")
     a, b = await healthy_pair(server, room)
     ws, hello = await attacker(server, room, b)
     ws.send_text(b'{"type":"offer","sdp":"\xff\xfe\xc3"}')
-    err = await ws.recv_json()
-    assert err["type"] == "error" and err["code"] == "invalid-json", err
-    await assert_next_is_marker(ws, hello["peerId"], b)
+    code, _ = await ws.expect_close()
+    assert code == 1007, code
+    await ws.expect_eof()
     await assert_still_healthy(server, a, b)
 
 
@@ -474,7 +473,8 @@ async def test_slow_reader_closed_1013_and_server_memory_bounded(run_server):
     --max-send-buffer, it is closed with 1013, and the server's RSS grows < 10 MiB over a
     10 s flood; the readers in the room get every message, the healthy pair stays fast."""
     server = run_server("--max-send-buffer", "256k", "--rate-limit", "1000000",
-                        "--rate-burst", "1000000")
+                        "--rate-burst", "1000000", "--rate-limit-bytes", "1024m",
+                        "--rate-burst-bytes", "1024m")
     proc = psutil.Process(server.proc.pid)
     room = unique("r")
     a, b = await healthy_pair(server, room, counted=frozenset({"flood"}))
@@ -544,7 +544,10 @@ async def test_slow_reader_closed_1013_and_server_memory_bounded(run_server):
 
 # --- tokens -------------------------------------------------------------------------------
 
-SECRET = base64.urlsafe_b64encode(os.urandom(36)).decode()
+# Always starting with '-' (drawn at random, one secret in 64 did, and argparse then took
+# it for a flag: the server exited 2 and these tests failed by chance). Passed below as a
+# separate argument, "--jwt-secret", SECRET, which is the case that must work.
+SECRET = "-" + base64.urlsafe_b64encode(os.urandom(36)).decode()
 
 
 def token(sub: str = "alice", secret: str = SECRET, alg: str = "HS256", ttl: float = 300,

@@ -47,6 +47,7 @@ class Peer:
         "address",
         "allowed_rooms",
         "bucket",
+        "byte_bucket",
         "fixed_meta",
         "id",
         "limited_since",
@@ -60,6 +61,7 @@ class Peer:
         sink: Sink,
         bucket: TokenBucket,
         *,
+        byte_bucket: TokenBucket | None = None,
         peer_id: str | None = None,
         address: str = "",
         user: str | None = None,
@@ -68,7 +70,8 @@ class Peer:
     ) -> None:
         self.id = peer_id or secrets.token_urlsafe(12)  # 96 random bits, URL-safe
         self.sink = sink
-        self.bucket = bucket
+        self.bucket = bucket  # messages (and pings, pongs, fragments) per second
+        self.byte_bucket = byte_bucket  # bytes per second; None = no byte budget
         self.address = address
         self.user = user
         self.allowed_rooms = allowed_rooms
@@ -238,7 +241,7 @@ class Hub:
         if self.debug:
             log.debug("message", extra={"fields": {
                 "peer": peer.id, "addr": peer.address, "bytes": len(text)}})
-        if not self.admit_rate(peer):
+        if not self.admit_rate(peer, len(text), text):
             return
         try:
             obj = messages.parse(text)
@@ -276,22 +279,31 @@ class Hub:
             log.debug("relayed", extra={"fields": {
                 "peer": peer.id, "addr": peer.address, "type": kind, "recipients": n}})
 
-    def handle_binary(self, peer: Peer) -> None:
-        if self.admit_rate(peer):
+    def handle_binary(self, peer: Peer, payload: bytes = b"") -> None:
+        if self.admit_rate(peer, len(payload)):
             self.send_error(peer, MessageError(
                 ErrorCode.BINARY_NOT_SUPPORTED, "binary frames are not supported; send JSON text"
             ))
 
-    def admit_rate(self, peer: Peer) -> bool:
-        """Spend one of the peer's message tokens (text, binary and WebSocket pings all count)."""
+    def admit_rate(self, peer: Peer, size: int = 0, text: bytes | None = None) -> bool:
+        """Spend one message token and ``size`` byte tokens of the peer's budgets (text,
+        binary, WebSocket pings and pongs, and each fragment of a message all count).
+
+        A refusal answers ``rate-limited``, with the refused message's ``id`` as ``ref``
+        when ``text`` is given and carries one; a flood lasting RATE_LIMIT_CLOSE_AFTER
+        seconds closes the connection with 1008.
+        """
         now = self.clock()
         bucket = peer.bucket
         if bucket.take(now):
-            # A flood ends when the client is back under the rate (a spare token left), not
-            # when one message slips through on a refilled token.
-            if peer.limited_since is not None and bucket.tokens >= 1.0:
-                peer.limited_since = None
-            return True
+            byte_bucket = peer.byte_bucket
+            if byte_bucket is None or byte_bucket.take(now, size):
+                # A flood ends when the client is back under the rate (a spare token
+                # left), not when one message slips through on a refilled token.
+                if peer.limited_since is not None and bucket.tokens >= 1.0:
+                    peer.limited_since = None
+                return True
+            bucket.tokens += 1.0  # refused for its bytes: the message token is not spent
         quiet = peer.limited_since is not None  # log the start of a flood, not every refusal
         if peer.limited_since is None:
             peer.limited_since = now
@@ -299,9 +311,9 @@ class Hub:
             self.metrics.count_error(ErrorCode.RATE_LIMITED)
             peer.sink.close(CLOSE_POLICY, ErrorCode.RATE_LIMITED)
             return False
-        self.send_error(
-            peer, MessageError(ErrorCode.RATE_LIMITED, "too many messages; slow down"), quiet
-        )
+        self.send_error(peer, MessageError(
+            ErrorCode.RATE_LIMITED, "too many messages or bytes; slow down", _ref_of(text)
+        ), quiet)
         return False
 
     def _command(self, peer: Peer, kind: str, obj: dict[str, Any]) -> None:
@@ -392,6 +404,17 @@ class Hub:
         if room is None:
             return []
         return [{"peerId": pid, "meta": room.meta[pid]} for pid in room.members]
+
+
+def _ref_of(text: bytes | None) -> Any:
+    """The ``id`` of a refused message, parsed only on the refusal path."""
+    if text is None:
+        return None
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    return obj.get("id") if type(obj) is dict else None
 
 
 def room_allowed(patterns: tuple[str, ...] | None, room: str) -> bool:

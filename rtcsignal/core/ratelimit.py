@@ -12,14 +12,16 @@ class TokenBucket:
         self.tokens = burst
         self.last = now
 
-    def take(self, now: float) -> bool:
-        """Spend one token if there is one."""
+    def take(self, now: float, cost: float = 1.0) -> bool:
+        """Spend ``cost`` tokens if there are that many (a byte budget spends a message's
+        size; a cost over ``burst`` is never admitted, so configs keep burst >= the
+        largest cost)."""
         tokens = self.tokens + (now - self.last) * self.rate
         self.last = now
         if tokens > self.burst:
             tokens = self.burst
-        if tokens >= 1.0:
-            self.tokens = tokens - 1.0
+        if tokens >= cost:
+            self.tokens = tokens - cost
             return True
         self.tokens = tokens
         return False
@@ -27,3 +29,8 @@ class TokenBucket:
     def retry_after(self) -> float:
         """Seconds until the next token."""
         return max(0.0, (1.0 - self.tokens) / self.rate)
+
+    def level(self, now: float) -> float:
+        """Tokens the bucket holds at ``now`` (refilled, capped at ``burst``), taking none."""
+        tokens = self.tokens + (now - self.last) * self.rate
+        return self.burst if tokens > self.burst else tokens

@@ -1,9 +1,7 @@
-"""RFC 6455 framing as a pure state machine: bytes in, messages out; no sockets, no asyncio.
+"""RFC 6455 frame codec: opcodes, close codes, masking, encoding; pure functions.
 
-Server side only: client frames must be masked, server frames are not. Extensions are not
-negotiated, so any RSV bit is a protocol error. Sizes are checked from the frame header,
-before the payload is buffered, so a peer cannot make us hold more than ``max_size`` bytes
-of one message (plus one read chunk).
+Parsing incoming frames is stateful and lives in ``protocol/session.py``; this module holds
+what both the session and the server's writers need. Server frames are never masked.
 """
 
 from __future__ import annotations
@@ -81,101 +79,3 @@ def parse_close(payload: bytes) -> tuple[int, str]:
     except UnicodeDecodeError:
         raise ProtocolError(CLOSE_INVALID_DATA, "close reason is not UTF-8") from None
     return code, reason
-
-
-class FrameReader:
-    """Incremental reader of client frames.
-
-    ``feed(data)`` returns the complete messages and control frames found so far as
-    ``(opcode, payload)`` pairs; fragmented messages come out reassembled with the opcode
-    of their first frame. Memory per connection: a few slots while idle; while a message
-    is partial, at most ``max_size`` bytes plus one read chunk.
-    """
-
-    __slots__ = ("_buf", "_frag", "_frag_op", "_frag_size", "max_size")
-
-    def __init__(self, max_size: int) -> None:
-        self.max_size = max_size
-        self._buf: bytearray | None = None
-        self._frag: list[bytes] | None = None
-        self._frag_op = 0
-        self._frag_size = 0
-
-    def buffered(self) -> int:
-        """Bytes held for partial frames and messages (for accounting and tests)."""
-        return (len(self._buf) if self._buf else 0) + self._frag_size
-
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        if self._buf is not None:
-            self._buf += data
-            buf: bytes | bytearray = self._buf
-        else:
-            buf = data
-        out: list[tuple[int, bytes]] = []
-        pos = 0
-        n = len(buf)
-        max_size = self.max_size
-        while n - pos >= 2:
-            b0 = buf[pos]
-            b1 = buf[pos + 1]
-            if b0 & 0x70:
-                raise ProtocolError(CLOSE_PROTOCOL_ERROR, "reserved bits set")
-            if not b1 & 0x80:
-                raise ProtocolError(CLOSE_PROTOCOL_ERROR, "client frame not masked")
-            op = b0 & 0x0F
-            fin = b0 & 0x80
-            length = b1 & 0x7F
-            head = pos + 2
-            if length == 126:
-                if n - pos < 4:
-                    break
-                length = int.from_bytes(buf[head : head + 2], "big")
-                head += 2
-            elif length == 127:
-                if n - pos < 10:
-                    break
-                length = int.from_bytes(buf[head : head + 8], "big")
-                head += 8
-            if op >= 8:
-                if op not in (OP_CLOSE, OP_PING, OP_PONG):
-                    raise ProtocolError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {op}")
-                if not fin or length > 125:
-                    raise ProtocolError(CLOSE_PROTOCOL_ERROR, "invalid control frame")
-            elif op == OP_CONT:
-                if self._frag is None:
-                    raise ProtocolError(CLOSE_PROTOCOL_ERROR, "continuation without a message")
-                if self._frag_size + length > max_size:
-                    raise ProtocolError(CLOSE_TOO_BIG, "message too big")
-            elif op in (OP_TEXT, OP_BINARY):
-                if self._frag is not None:
-                    raise ProtocolError(CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
-                if length > max_size:
-                    raise ProtocolError(CLOSE_TOO_BIG, "message too big")
-            else:
-                raise ProtocolError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {op}")
-            end = head + 4 + length
-            if end > n:
-                break
-            payload = unmask(buf[head + 4 : end], buf[head : head + 4])
-            pos = end
-            if op >= 8 or (fin and op != OP_CONT):
-                out.append((op, payload))
-            elif op != OP_CONT:  # first fragment
-                self._frag = [payload]
-                self._frag_op = op
-                self._frag_size = length
-            else:
-                assert self._frag is not None
-                self._frag.append(payload)
-                self._frag_size += length
-                if fin:
-                    out.append((self._frag_op, b"".join(self._frag)))
-                    self._frag = None
-                    self._frag_size = 0
-        if pos >= n:
-            self._buf = None
-        elif self._buf is not None:
-            del self._buf[:pos]
-        else:
-            self._buf = bytearray(buf[pos:])
-        return out

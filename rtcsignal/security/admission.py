@@ -58,6 +58,8 @@ class Admission:
     def __init__(self, config: Config, wall: Clock = time.time) -> None:
         self.config = config
         self.open = 0
+        self.pending = 0  # sockets that have not finished the HTTP request / upgrade
+        self.pending_by_ip: dict[str, int] = {}
         self.origins = OriginPolicy(config.allowed_origins, config.require_origin)
         self.verifier = Verifier(config, wall) if config.auth == "jwt" else None
         self.table = AddressTable(
@@ -97,6 +99,37 @@ class Admission:
             admitted.limit_key = key
         admitted.counted = True
         return admitted
+
+    def hold(self, peer_ip: str) -> HttpError | None:
+        """Count a new socket before its request head arrives, or refuse it (503 when
+        ``max_pending_connections`` are pending; 429 when one address holds
+        ``max_connections_per_ip`` pending). Loopback and trusted proxies have no
+        per-address cap here: their clients are told apart by X-Forwarded-For later.
+        Pending sockets are capped apart from open sessions, so a full server still
+        answers /healthz."""
+        cfg = self.config
+        if self.pending >= cfg.max_pending_connections:
+            return HttpError(503, "too many pending connections", retry_after(FULL_RETRY))
+        ip = parse_ip(peer_ip)
+        if ip is not None and not is_loopback(ip) and not any(
+            ip in net for net in cfg.trusted_proxies
+        ):
+            n = self.pending_by_ip.get(peer_ip, 0)
+            if n >= cfg.max_connections_per_ip:
+                return HttpError(429, "too many pending connections", retry_after(PER_IP_RETRY))
+            self.pending_by_ip[peer_ip] = n + 1
+        self.pending += 1
+        return None
+
+    def unhold(self, peer_ip: str) -> None:
+        """The socket held by ``hold`` upgraded or closed."""
+        self.pending -= 1
+        n = self.pending_by_ip.get(peer_ip)
+        if n is not None:
+            if n > 1:
+                self.pending_by_ip[peer_ip] = n - 1
+            else:
+                del self.pending_by_ip[peer_ip]
 
     def release(self, admitted: Admitted) -> None:
         """The admitted connection has closed (a second call for the same one does nothing)."""

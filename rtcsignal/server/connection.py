@@ -1,10 +1,17 @@
 """One TCP connection: HTTP request head, then either an HTTP answer or a WebSocket session.
 
-This is the only module that touches sockets for WebSocket traffic. It is an
-``asyncio.Protocol`` (no task per connection) with ``__slots__``; outgoing frames are
-queued per connection and written once per event-loop turn by the service (coalescing).
-Costs per connection: the slots below, a FrameReader, a token bucket and the core Peer
-(~1 KiB together), plus the event loop's transport and the kernel's socket buffers.
+Transport glue only: the WebSocket rules live in the pure ``protocol.session.Session``, what a
+request or a message means lives with the ``Owner`` (the signaling service, or the
+conformance suite's echo server). It is an ``asyncio.Protocol`` (no task per connection)
+with ``__slots__``; outgoing frames are queued per connection and written once per
+event-loop turn by the owner (coalescing).
+
+Costs per connection: the slots below and a Session (~0.5 KiB together), plus what the owner
+keeps per session (the signaling service: a Peer and two token buckets), the event loop's
+transport and the kernel's socket buffers. Bounds: a request head holds at most
+``max_header_size`` bytes; a partial message at most ``max_message_size`` plus one read;
+the send queue is closed with 1013 when it stays over ``max_send_buffer`` for
+``slow_reader_timeout`` or reaches ``SEND_BUFFER_HARD_FACTOR`` times it.
 """
 
 from __future__ import annotations
@@ -12,14 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from rtcsignal.core import messages
-from rtcsignal.core.hub import ROOM_NAME, Peer
-from rtcsignal.core.messages import ErrorCode, MessageError
-from rtcsignal.core.ratelimit import TokenBucket
+from rtcsignal.config import Config
+from rtcsignal.core.metrics import Metrics
 from rtcsignal.protocol import frames
-from rtcsignal.protocol.frames import FrameReader, ProtocolError
 from rtcsignal.protocol.http import (
     HttpError,
     Request,
@@ -29,51 +35,92 @@ from rtcsignal.protocol.http import (
     response,
     upgrade_response,
 )
-from rtcsignal.security.admission import Admitted
-from rtcsignal.security.turn import ice_servers
-from rtcsignal.server import endpoints
-
-if TYPE_CHECKING:
-    from rtcsignal.server.service import SignalingService
+from rtcsignal.protocol.session import FRAGMENT, Session
 
 log = logging.getLogger("rtcsignal")
 
 HTTP, OPEN, CLOSING, CLOSED = 0, 1, 2, 3
 
-PING_FRAME = frames.encode_frame(frames.OP_PING, b"")
+#: A send queue this many times ``max_send_buffer`` closes the connection at once, whatever
+#: ``slow_reader_timeout`` says: the hard bound on one connection's queued bytes.
+SEND_BUFFER_HARD_FACTOR = 4
+
+#: An HTTP answer: status, body, content type, extra headers.
+Answer = tuple[int, bytes, str, dict[str, str]]
+
+
+@dataclass(slots=True)
+class Handlers:
+    """What an open session delivers to; the owner makes one per upgrade.
+
+    ``admit(nbytes)`` decides whether a ping, pong or fragment fits the sender's rate limit
+    (a refused ping is not answered, a refused fragment's message is dropped); ``closed``
+    runs once when the session ends (reason ``closed`` or ``timeout``).
+    """
+
+    text: Callable[[bytes], None]
+    binary: Callable[[bytes], None]
+    admit: Callable[[int], bool]
+    closed: Callable[[str], None]
+
+
+class Owner(Protocol):
+    """What a Connection needs from whoever accepted it."""
+
+    config: Config
+    loop: asyncio.AbstractEventLoop
+    metrics: Metrics
+
+    def connection_made(self, conn: Connection) -> HttpError | None:
+        """A new socket; an HttpError refuses it at once (limits on pending handshakes)."""
+
+    def connection_lost(self, conn: Connection) -> None: ...
+
+    def http(self, conn: Connection, request: Request) -> Answer: ...
+
+    def upgrade(self, conn: Connection, request: Request) -> Handlers:
+        """Admit a WebSocket request (raise HttpError to refuse), call ``conn.accept()``,
+        and return the session's handlers."""
+
+    def mark_dirty(self, conn: Connection) -> None:
+        """``conn`` has queued frames; call ``conn.flush()`` later in this loop turn."""
 
 
 class Connection(asyncio.Protocol):
     __slots__ = (
+        "accept_key",
         "address",
-        "admitted",
         "close_code",
+        "context",
+        "handlers",
         "head",
         "opened",
         "out",
-        "peer",
-        "ping_pending",
-        "reader",
-        "service",
+        "owner",
+        "refusing",
+        "session",
+        "slow_timer",
         "state",
         "timer",
         "transport",
     )
 
-    def __init__(self, service: SignalingService) -> None:
-        self.service = service
+    def __init__(self, owner: Owner) -> None:
+        self.owner = owner
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.state = HTTP
         self.head = b""
-        self.reader: FrameReader | None = None
-        self.peer: Peer | None = None
-        self.admitted: Admitted | None = None
+        self.session: Session | None = None
+        self.handlers: Handlers | None = None
+        self.context: Any = None  # the owner's per-connection state (the signaling Peer)
         self.out: list[bytes] | None = None
-        self.ping_pending = False
         self.close_code = frames.CLOSE_ABNORMAL
         self.opened = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.slow_timer: asyncio.TimerHandle | None = None
         self.address = ""
+        self.accept_key = ""
+        self.refusing = False  # a fragment of the message in progress was refused
 
     # --- asyncio.Protocol -------------------------------------------------------------
 
@@ -81,78 +128,73 @@ class Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.address = peer[0] if peer else ""
-        svc = self.service
-        svc.live.add(self)
-        self.timer = svc.loop.call_later(svc.config.handshake_timeout, self._handshake_timeout)
+        owner = self.owner
+        refusal = owner.connection_made(self)
+        if refusal is not None:
+            self._http_error(refusal)
+            return
+        self.timer = owner.loop.call_later(owner.config.handshake_timeout, self._handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
         state = self.state
         if state is OPEN:
-            self.service.metrics.bytes_in += len(data)
-            try:
-                events = self.reader.feed(data)  # type: ignore[union-attr]
-            except ProtocolError as exc:
-                self._protocol_error(exc)
-                return
-            hub = self.service.hub
-            peer = self.peer
+            self.owner.metrics.bytes_in += len(data)
+            session = self.session
+            events = session.receive_data(data)  # type: ignore[union-attr]
+            handlers = self.handlers
             for op, payload in events:
                 if op == frames.OP_TEXT:
-                    hub.handle_text(peer, payload)  # type: ignore[arg-type]
+                    if self.refusing:
+                        self.refusing = False
+                    else:
+                        handlers.text(payload)  # type: ignore[union-attr]
                 elif op == frames.OP_PONG:
-                    self.ping_pending = False
+                    handlers.admit(len(payload))  # type: ignore[union-attr]
                 elif op == frames.OP_PING:
-                    if hub.admit_rate(peer):  # type: ignore[arg-type]  # a ping flood is a flood
+                    if handlers.admit(len(payload)):  # type: ignore[union-attr]
                         self.send(frames.encode_frame(frames.OP_PONG, payload))
-                elif op == frames.OP_CLOSE:
-                    self._close_frame_received(payload)
-                    return
-                else:
-                    hub.handle_binary(peer)  # type: ignore[arg-type]
+                elif op == FRAGMENT:
+                    if not handlers.admit(0):  # type: ignore[union-attr]
+                        self.refusing = True
+                elif op == frames.OP_BINARY:
+                    if self.refusing:
+                        self.refusing = False
+                    else:
+                        handlers.binary(payload)  # type: ignore[union-attr]
                 if self.state is not OPEN:
-                    return
+                    break
+            if session.close_transport:  # type: ignore[union-attr]
+                self._session_over()
         elif state is HTTP:
             self._read_head(data)
-        elif state is CLOSING and self.reader is not None:
-            # Waiting for the peer's close frame; everything else is discarded.
-            try:
-                events = self.reader.feed(data)
-            except ProtocolError:
-                self.transport.abort()
-                return
-            if any(op == frames.OP_CLOSE for op, _ in events):
-                self.transport.close()
+        elif state is CLOSING:  # we sent a close frame; wait for the peer's
+            self.session.receive_data(data)  # type: ignore[union-attr]
+            if self.session.close_transport:  # type: ignore[union-attr]
+                self._session_over()
 
     def pause_writing(self) -> None:
-        """The transport's buffer passed ``max_send_buffer``: a slow reader; drop it."""
-        if self.state is OPEN:
-            self.out = None
-            self.close(frames.CLOSE_TRY_AGAIN, "send buffer full")
+        """The transport holds over ``max_send_buffer``: a slow reader, unless it catches up
+        within ``slow_reader_timeout``."""
+        if self.state is OPEN and self.slow_timer is None:
+            owner = self.owner
+            self.slow_timer = owner.loop.call_later(
+                owner.config.slow_reader_timeout, self._slow_reader
+            )
+
+    def resume_writing(self) -> None:
+        if self.slow_timer is not None:
+            self.slow_timer.cancel()
+            self.slow_timer = None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        svc = self.service
-        svc.live.discard(self)
-        if self.peer is not None:
-            svc.sessions -= 1
-            self._detach("closed")
-        if self.peer is not None and log.isEnabledFor(logging.INFO):
-            log.info(
-                "disconnect",
-                extra={"fields": {
-                    "peer": self.peer.id, "addr": self.address, "code": self.close_code,
-                    "duration_s": round(time.monotonic() - self.opened, 3),
-                    "clients": len(svc.hub.peers),
-                }},
-            )
-        if self.admitted is not None:
-            svc.admission.release(self.admitted)
-            self.admitted = None
+        for t in (self.timer, self.slow_timer):
+            if t is not None:
+                t.cancel()
+        self.timer = self.slow_timer = None
+        self._end("closed")
         self.state = CLOSED
         self.out = None
-        svc.connection_gone()
+        self.owner.connection_lost(self)
 
     # --- sending (the core's Sink) ----------------------------------------------------
 
@@ -164,7 +206,7 @@ class Connection(asyncio.Protocol):
         if self.state is not OPEN:
             return
         self.out = [frame]
-        self.service.mark_dirty(self)
+        self.owner.mark_dirty(self)
 
     def flush(self) -> int:
         """Write the queued frames in one call; returns the bytes written."""
@@ -173,80 +215,113 @@ class Connection(asyncio.Protocol):
             return 0
         self.out = None
         data = out[0] if len(out) == 1 else b"".join(out)
-        self.transport.write(data)
+        transport = self.transport
+        transport.write(data)
+        if (
+            self.slow_timer is not None
+            and self.state is OPEN
+            and transport.get_write_buffer_size()
+            > self.owner.config.max_send_buffer * SEND_BUFFER_HARD_FACTOR
+        ):
+            self._slow_reader()
         return len(data)
 
     def close(self, code: int, reason: str = "") -> None:
-        """Start the closing handshake; the socket is dropped if the peer does not answer."""
+        """Start the closing handshake; the socket is dropped if the peer does not answer
+        within ``close_timeout``."""
         if self.state is not OPEN:
             return
-        self.service.metrics.bytes_out += self.flush()
+        self.owner.metrics.bytes_out += self.flush()
         self.state = CLOSING
         self.close_code = code
-        self.transport.write(frames.encode_close(code, reason))
-        self._detach("closed")
-        self.timer = self.service.loop.call_later(
-            self.service.config.close_timeout, self.transport.abort
-        )
+        self.transport.write(self.session.close(code, reason))  # type: ignore[union-attr]
+        self._end("closed")
+        self._arm_abort()
 
     def heartbeat(self) -> None:
         """Called once per heartbeat interval: drop if the last ping went unanswered."""
         if self.state is not OPEN:
             return
-        if self.ping_pending:
-            self.service.metrics.heartbeat_timeouts += 1
+        session = self.session
+        if session.ping_pending:  # type: ignore[union-attr]
+            self.owner.metrics.heartbeat_timeouts += 1
             self.close_code = frames.CLOSE_ABNORMAL
-            self._detach("timeout")
+            self._end("timeout")
             self.state = CLOSING
             self.out = None
             log.info("heartbeat timeout", extra={"fields": {"addr": self.address}})
             self.transport.abort()
             return
-        self.ping_pending = True
-        self.send(PING_FRAME)
+        self.send(session.ping())  # type: ignore[union-attr]
+
+    def accept(self) -> None:
+        """Complete the upgrade: the 101 answer is queued to go out with the first frames."""
+        cfg = self.owner.config
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.state = OPEN
+        self.session = Session(cfg.max_message_size)
+        self.out = [upgrade_response(self.accept_key)]  # one write with the greeting
+        self.owner.mark_dirty(self)
+        self.opened = time.monotonic()
+        self.transport.set_write_buffer_limits(high=cfg.max_send_buffer)
 
     # --- internals ----------------------------------------------------------------------
 
-    def _detach(self, reason: str) -> None:
-        """Leave the hub (presence: peer-left with ``reason``); idempotent."""
-        svc = self.service
-        if self in svc.connections:
-            svc.connections.discard(self)
-            assert self.peer is not None
-            svc.hub.remove(self.peer, reason)
-            svc.metrics.count_disconnect(reason)
+    def _end(self, reason: str) -> None:
+        """The session is over for the application (idempotent)."""
+        handlers = self.handlers
+        if handlers is not None:
+            self.handlers = None
+            handlers.closed(reason)
 
-    def _close_frame_received(self, payload: bytes) -> None:
-        try:
-            code, _reason = frames.parse_close(payload)
-        except ProtocolError as exc:
-            self._protocol_error(exc)
-            return
-        self.service.metrics.bytes_out += self.flush()
-        self.close_code = code
+    def _session_over(self) -> None:
+        """The session says the transport must close now (peer's close, protocol error)."""
+        session = self.session
+        assert session is not None
+        exc = session.failure
+        if exc is not None:
+            log.info("protocol error", extra={"fields": {
+                "addr": self.address, "code": exc.code, "reason": exc.reason}})
+            if self.state is OPEN:
+                self.close_code = exc.code
+        elif self.state is OPEN:
+            self.close_code = session.peer_close_code or frames.CLOSE_NO_STATUS
+        if self.state is OPEN:
+            self.owner.metrics.bytes_out += self.flush()
         self.state = CLOSING
-        reply = frames.CLOSE_NORMAL if code == frames.CLOSE_NO_STATUS else code
-        self.transport.write(frames.encode_close(reply))
-        self._detach("closed")
+        self.out = None
+        tail = session.data_to_send()
+        if tail:
+            self.transport.write(tail)
+        self._end("closed")
         self.transport.close()
+        self._arm_abort()
 
-    def _protocol_error(self, exc: ProtocolError) -> None:
-        log.info("protocol error", extra={"fields": {
-            "addr": self.address, "code": exc.code, "reason": exc.reason}})
-        self.close(exc.code, exc.reason)
+    def _arm_abort(self) -> None:
+        """Bound every closing path: a peer that stops reading cannot hold the socket."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.owner.loop.call_later(
+            self.owner.config.close_timeout, self.transport.abort
+        )
+
+    def _slow_reader(self) -> None:
+        self.slow_timer = None
+        if self.state is OPEN:
+            self.out = None
+            self.close(frames.CLOSE_TRY_AGAIN, "send buffer full")
 
     def _handshake_timeout(self) -> None:
         self.timer = None
         if self.state is HTTP:
-            self.service.metrics.count_rejected(408)
-            self.transport.write(response(408, "request head not received in time\n"))
-            self.transport.close()
-            self.state = CLOSED
+            self._http_error(HttpError(408, "request head not received in time"))
 
     def _read_head(self, data: bytes) -> None:
         head = self.head + data if self.head else data
         end = head.find(b"\r\n\r\n")
-        limit = self.service.config.max_header_size
+        limit = self.owner.config.max_header_size
         if end < 0:
             if len(head) > limit:
                 self._http_error(HttpError(431, "request head too large"))
@@ -257,96 +332,34 @@ class Connection(asyncio.Protocol):
             self._http_error(HttpError(431, "request head too large"))
             return
         self.head = b""
+        request: Request | None = None
         try:
             request = parse_request(head[:end])
-            if request.path == self.service.config.path:
+            if request.path == self.owner.config.path:
                 self._upgrade(request, head[end + 4 :])
             else:
-                self._answer_http(request)
+                status, body, ctype, headers = self.owner.http(self, request)
+                self._answer(response(
+                    status, body, ctype, headers, head=request.method == "HEAD"))
         except HttpError as exc:
             self._http_error(exc)
 
-    def _answer_http(self, request: Request) -> None:
-        svc = self.service
-        status, body, ctype, headers = endpoints.handle(svc, request, self.address)
-        self.transport.write(response(status, body, ctype, headers))
-        self.transport.close()
-        self.state = CLOSED
-
-    def _http_error(self, exc: HttpError) -> None:
-        self.service.metrics.count_rejected(exc.status)
-        log.info("rejected", extra={"fields": {
-            "addr": self.address, "status": exc.status, "reason": exc.reason}})
-        self.transport.write(response(exc.status, exc.reason + "\n", headers=exc.headers))
-        self.transport.close()
-        self.state = CLOSED
-
     def _upgrade(self, request: Request, rest: bytes) -> None:
-        svc = self.service
-        cfg = svc.config
         if not is_upgrade(request):
             raise HttpError(426, "this endpoint speaks WebSocket", {"Upgrade": "websocket"})
-        if svc.draining:
-            raise HttpError(503, "server is shutting down", {"Retry-After": "5"})
-        accept = check_websocket_request(request)
-        room = request.query.get("room")
-        if room is not None and not ROOM_NAME.fullmatch(room):
-            raise HttpError(400, "room must be 1-128 of [A-Za-z0-9._~:@-]")
-        now = svc.loop.time()
-        self.admitted = admitted = svc.admission.admit(request, self.address, now)
-        self.address = admitted.client_ip
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.state = OPEN
-        self.out = [upgrade_response(accept)]  # goes out with the greeting: one write
-        svc.mark_dirty(self)
-        svc.sessions += 1
-        self.opened = time.monotonic()
-        self.reader = FrameReader(cfg.max_message_size)
-        self.transport.set_write_buffer_limits(high=cfg.max_send_buffer)
-        self.peer = peer = Peer(
-            self,
-            TokenBucket(cfg.rate_limit, cfg.rate_burst, svc.hub.clock()),
-            address=admitted.client_ip,
-            user=admitted.user,
-            allowed_rooms=admitted.rooms,
-            fixed_meta=admitted.meta,
-        )
-        if svc.on_connect is not None:
-            refusal = svc.on_connect(peer, request)
-            if refusal is not None:
-                code, reason = refusal
-                svc.connections.add(self)
-                svc.hub.add(peer)
-                self.close(code, reason)
-                return
-        svc.connections.add(self)
-        svc.hub.add(peer)
-        svc.metrics.connections_total += 1
-        greeting: dict[str, Any] = {
-            "type": "connected",
-            "message": "Connected to signaling server",
-            "clientsCount": len(svc.hub.peers),
-            "peerId": peer.id,
-        }
-        if cfg.turn_urls or cfg.stun_urls:
-            greeting["iceServers"] = ice_servers(cfg, peer.id, time.time())
-        self.send(svc.hub.frame(messages.encode(greeting)))
-        if log.isEnabledFor(logging.INFO):
-            log.info("connect", extra={"fields": {
-                "peer": peer.id, "addr": self.address, "clients": len(svc.hub.peers)}})
-        if room is not None:
-            try:
-                svc.hub.join(peer, room)
-            except MessageError as exc:
-                svc.hub.send_error(peer, exc)
-                self.close(frames.CLOSE_POLICY, exc.code)
-                return
-        elif svc.hub.lobby is None:
-            svc.hub.send_error(peer, MessageError(
-                ErrorCode.ROOM_REQUIRED, "this server needs ?room=NAME in the URL"))
-            self.close(frames.CLOSE_POLICY, ErrorCode.ROOM_REQUIRED)
-            return
-        if rest:
+        self.accept_key = check_websocket_request(request)
+        self.handlers = self.owner.upgrade(self, request)
+        if rest and self.state is OPEN:
             self.data_received(rest)
+
+    def _answer(self, data: bytes) -> None:
+        self.transport.write(data)
+        self.state = CLOSED
+        self.transport.close()
+        self._arm_abort()
+
+    def _http_error(self, exc: HttpError) -> None:
+        self.owner.metrics.count_rejected(exc.status)
+        log.info("rejected", extra={"fields": {
+            "addr": self.address, "status": exc.status, "reason": exc.reason}})
+        self._answer(response(exc.status, exc.reason + "\n", headers=exc.headers))

@@ -5,15 +5,14 @@ from __future__ import annotations
 import time
 from functools import cache
 from importlib import resources
-from typing import TYPE_CHECKING
 
 import orjson
 
+from rtcsignal.config import Config
+from rtcsignal.core.metrics import Metrics
 from rtcsignal.protocol.http import HttpError, Request
+from rtcsignal.security.admission import Admission
 from rtcsignal.security.turn import ice_servers
-
-if TYPE_CHECKING:
-    from rtcsignal.server.service import SignalingService
 
 JSON = "application/json"
 Answer = tuple[int, bytes, str, dict[str, str]]
@@ -24,7 +23,16 @@ def test_page() -> bytes:
     return resources.files("rtcsignal").joinpath("static/test-signaling.html").read_bytes()
 
 
-def handle(svc: SignalingService, request: Request, address: str) -> Answer:
+def handle(
+    request: Request,
+    address: str,
+    *,
+    config: Config,
+    metrics: Metrics,
+    admission: Admission,
+    draining: bool,
+    now: float,
+) -> Answer:
     """Answer one HTTP request; HttpError propagates to the caller's error response."""
     if request.method not in ("GET", "HEAD"):
         raise HttpError(405, "method not allowed", {"Allow": "GET, HEAD"})
@@ -32,18 +40,18 @@ def handle(svc: SignalingService, request: Request, address: str) -> Answer:
     if path == "/healthz":
         return 200, b'{"status":"ok"}', JSON, {}
     if path == "/readyz":
-        if svc.draining:
+        if draining:
             return 503, b'{"status":"draining"}', JSON, {}
         return 200, b'{"status":"ready"}', JSON, {}
     if path == "/metrics":
-        return 200, svc.metrics.render().encode(), "text/plain; version=0.0.4", {}
+        return 200, metrics.render().encode(), "text/plain; version=0.0.4", {}
     if path == "/test-signaling.html":
         return 200, test_page(), "text/html; charset=utf-8", {
             "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:; "
             "style-src 'unsafe-inline'; script-src 'unsafe-inline'",
         }
     if path == "/ice-servers":
-        admitted = svc.admission.authenticate(request, address, svc.loop.time())
-        servers = ice_servers(svc.config, admitted.user or "anonymous", time.time())
+        admitted = admission.authenticate(request, address, now)
+        servers = ice_servers(config, admitted.user or "anonymous", time.time())
         return 200, orjson.dumps({"iceServers": servers}), JSON, {}
     raise HttpError(404, "not found")

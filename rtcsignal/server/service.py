@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rtcsignal.config import Config
-from rtcsignal.core.hub import Hooks, Hub, Peer
+from rtcsignal.core import messages
+from rtcsignal.core.hub import ROOM_NAME, Hooks, Hub, Peer
+from rtcsignal.core.messages import ErrorCode, MessageError
 from rtcsignal.core.metrics import Metrics
+from rtcsignal.core.ratelimit import TokenBucket
 from rtcsignal.protocol import frames
-from rtcsignal.protocol.http import Request
+from rtcsignal.protocol.http import HttpError, Request
 from rtcsignal.security.admission import Admission
-
-if TYPE_CHECKING:
-    from rtcsignal.server.connection import Connection
+from rtcsignal.security.turn import ice_servers
+from rtcsignal.server import endpoints
+from rtcsignal.server.connection import Answer, Connection, Handlers
 
 log = logging.getLogger("rtcsignal")
 
@@ -34,7 +38,8 @@ def text_frame(data: bytes) -> bytes:
 
 
 class SignalingService:
-    """Owns the hub, the listener, the heartbeat and the write coalescing.
+    """Owns the hub, the listener, the heartbeat and the write coalescing; the ``Owner`` of
+    every ``Connection`` (what an HTTP request or a WebSocket upgrade means here).
 
     Hooks: ``service.on_connect(peer, request) -> None | (close_code, reason)`` runs right
     after the upgrade and before the greeting; ``service.hooks.on_join``, ``on_message`` and
@@ -59,6 +64,7 @@ class SignalingService:
         self.on_connect: Callable[[Peer, Request], tuple[int, str] | None] | None = None
         self.connections: set[Connection] = set()  # open WebSocket sessions in the hub
         self.live: set[Connection] = set()  # every socket, until connection_lost
+        self.pending: set[Connection] = set()  # sockets counted by admission.hold()
         self.sessions = 0  # upgraded sockets not yet lost (drain waits for 0)
         self.draining = False
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
@@ -78,8 +84,6 @@ class SignalingService:
 
     async def start(self) -> None:
         """Bind and start serving; ``self.port`` is the bound port afterwards."""
-        from rtcsignal.server.connection import Connection
-
         self.loop = asyncio.get_running_loop()
         self.hub.debug = log.isEnabledFor(logging.DEBUG)
         self._closed = asyncio.Event()  # from here on shutdown() may be called (signals)
@@ -136,6 +140,115 @@ class SignalingService:
         """A socket closed; during drain, wake shutdown once no WebSocket is left."""
         if self._all_gone is not None and self.sessions == 0:
             self._all_gone.set()
+
+    # --- the Connection owner -----------------------------------------------------------
+
+    def connection_made(self, conn: Connection) -> HttpError | None:
+        self.live.add(conn)
+        refusal = self.admission.hold(conn.address)
+        if refusal is None:
+            self.pending.add(conn)
+        return refusal
+
+    def _unhold(self, conn: Connection) -> None:
+        if conn in self.pending:
+            self.pending.discard(conn)
+            self.admission.unhold(conn.address)
+
+    def connection_lost(self, conn: Connection) -> None:
+        self.live.discard(conn)
+        self._unhold(conn)
+        if conn.context is not None:
+            peer, admitted = conn.context
+            self.sessions -= 1
+            if log.isEnabledFor(logging.INFO):
+                log.info("disconnect", extra={"fields": {
+                    "peer": peer.id, "addr": conn.address, "code": conn.close_code,
+                    "duration_s": round(time.monotonic() - conn.opened, 3),
+                    "clients": len(self.hub.peers),
+                }})
+            self.admission.release(admitted)
+        self.connection_gone()
+
+    def http(self, conn: Connection, request: Request) -> Answer:
+        self._unhold(conn)
+        return endpoints.handle(
+            request, conn.address, config=self.config, metrics=self.metrics,
+            admission=self.admission, draining=self.draining, now=self.loop.time(),
+        )
+
+    def upgrade(self, conn: Connection, request: Request) -> Handlers:
+        """Admission, then the session: Peer, greeting, ``?room=`` join."""
+        cfg = self.config
+        self._unhold(conn)
+        if self.draining:
+            raise HttpError(503, "server is shutting down", {"Retry-After": "5"})
+        room = request.query.get("room")
+        if room is not None and not ROOM_NAME.fullmatch(room):
+            raise HttpError(400, "room must be 1-128 of [A-Za-z0-9._~:@-]")
+        admitted = self.admission.admit(request, conn.address, self.loop.time())
+        conn.address = admitted.client_ip
+        conn.accept()
+        self.sessions += 1
+        hub = self.hub
+        now = hub.clock()
+        peer = Peer(
+            conn,
+            TokenBucket(cfg.rate_limit, cfg.rate_burst, now),
+            byte_bucket=TokenBucket(cfg.rate_limit_bytes, cfg.rate_burst_bytes, now),
+            address=admitted.client_ip,
+            user=admitted.user,
+            allowed_rooms=admitted.rooms,
+            fixed_meta=admitted.meta,
+        )
+        conn.context = (peer, admitted)
+        handlers = Handlers(
+            text=functools.partial(hub.handle_text, peer),
+            binary=functools.partial(hub.handle_binary, peer),
+            admit=functools.partial(hub.admit_rate, peer),
+            closed=functools.partial(self._session_closed, conn),
+        )
+        conn.handlers = handlers  # so a close during the steps below detaches the peer
+        if self.on_connect is not None:
+            refusal = self.on_connect(peer, request)
+            if refusal is not None:
+                self.connections.add(conn)
+                hub.add(peer)
+                conn.close(*refusal)
+                return handlers
+        self.connections.add(conn)
+        hub.add(peer)
+        self.metrics.connections_total += 1
+        greeting: dict[str, Any] = {
+            "type": "connected",
+            "message": "Connected to signaling server",
+            "clientsCount": len(hub.peers),
+            "peerId": peer.id,
+        }
+        if cfg.turn_urls or cfg.stun_urls:
+            greeting["iceServers"] = ice_servers(cfg, peer.id, time.time())
+        conn.send(hub.frame(messages.encode(greeting)))
+        if log.isEnabledFor(logging.INFO):
+            log.info("connect", extra={"fields": {
+                "peer": peer.id, "addr": conn.address, "clients": len(hub.peers)}})
+        if room is not None:
+            try:
+                hub.join(peer, room)
+            except MessageError as exc:
+                hub.send_error(peer, exc)
+                conn.close(frames.CLOSE_POLICY, exc.code)
+        elif hub.lobby is None:
+            hub.send_error(peer, MessageError(
+                ErrorCode.ROOM_REQUIRED, "this server needs ?room=NAME in the URL"))
+            conn.close(frames.CLOSE_POLICY, ErrorCode.ROOM_REQUIRED)
+        return handlers
+
+    def _session_closed(self, conn: Connection, reason: str) -> None:
+        """The session ended: leave the hub (presence: peer-left with ``reason``)."""
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.hub.remove(conn.context[0], reason)
+            self.metrics.count_disconnect(reason)
 
     # --- write coalescing ---------------------------------------------------------------
 

@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: serve test lint fuzz bench system-deps
+.PHONY: serve test lint fuzz bench conformance system-deps
 
 serve: $(VENV)/.installed
 	$(BIN)/rtcsignal serve $(ARGS)
@@ -23,6 +23,10 @@ fuzz: $(VENV)/.test-installed
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python bench/run.py $(ARGS)
+
+# Autobahn TestSuite cases 1-10 against the engine's echo harness (docs/conformance.md).
+conformance: $(VENV)/.test-installed
+	sh scripts/install-autobahn.sh && $(BIN)/python -m tests.conformance.run
 
 system-deps:
 	sh scripts/install-system-deps.sh

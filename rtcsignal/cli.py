@@ -42,6 +42,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def join_dash_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``--flag VALUE`` as ``--flag=VALUE`` when VALUE starts with ``-``.
+
+    argparse takes a separate argument starting with ``-`` for an option, so ``--jwt-secret
+    -abc`` failed with "expected one argument" (one random base64 secret in 64 starts with
+    ``-``). After each value-taking long option of the chosen subcommand (abbreviations
+    included), a following argument that starts with ``-`` and is none of that subcommand's
+    options (exactly, as ``--opt=value``, or abbreviated) is joined to it, which argparse reads
+    as the value. Anything else is left for argparse to accept or refuse as before.
+    """
+    argv = list(argv)
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    start = next((i for i, arg in enumerate(argv) if arg in subparsers.choices), None)
+    if start is None:
+        return argv
+    options = subparsers.choices[argv[start]]._option_string_actions
+    longs = [opt for opt in options if opt.startswith("--")]
+
+    def long_option(arg: str) -> argparse.Action | None:
+        """The action a long option names, exactly or by an unambiguous prefix."""
+        if not arg.startswith("--") or len(arg) < 3:
+            return None
+        if arg in options:
+            return options[arg]
+        matches = [opt for opt in longs if opt.startswith(arg)]
+        return options[matches[0]] if len(matches) == 1 else None
+
+    def is_option(arg: str) -> bool:
+        name = arg.split("=", 1)[0]
+        return name in options or (len(name) > 2 and name.startswith("--")
+                                   and any(opt.startswith(name) for opt in longs))
+
+    out = argv[: start + 1]
+    i = start + 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            out.extend(argv[i:])
+            break
+        action = long_option(arg)
+        if action is not None and action.nargs is None and i + 1 < len(argv):
+            value = argv[i + 1]
+            if value.startswith("-") and value != "--" and not is_option(value):
+                out.append(f"{arg}={value}")
+                i += 2
+                continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def _resolve(args: argparse.Namespace) -> Config:
     flags = {s.name: getattr(args, s.name) for s in SETTINGS}
     return load_config(flags, file=args.config)
@@ -78,7 +129,8 @@ def _token(config: Config, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(join_dash_values(parser, sys.argv[1:] if argv is None else argv))
     try:
         config = _resolve(args)
         if args.command == "token":

@@ -1,8 +1,16 @@
-"""Structured logging: one line per event, JSON (for collectors) or text (for people)."""
+"""Structured logging: one line per event, JSON (for collectors) or text (for people).
+
+Field values can be client-chosen (a message ``type``, a query parameter in a refusal reason),
+so the text format escapes them: control characters (C0, DEL, C1) and the Unicode line and
+paragraph separators become ``\\n``, ``\\x1b``, ``\\u2028``..., a backslash is doubled, and a
+value holding a space, ``=``, ``"`` (or nothing) is quoted. One event is one line, and a value
+cannot forge another ``key=value`` pair or reach the terminal as an escape sequence.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -24,12 +32,39 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\\\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+_QUOTE = re.compile('[ ="]')
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    c = m.group()
+    named = _NAMED.get(c)
+    if named is not None:
+        return named
+    return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+
+
+def escape(text: str) -> str:
+    """``text`` with no control characters left: one line, no terminal escape sequences."""
+    return _UNSAFE.sub(_escape_char, text)
+
+
+def text_value(value: Any) -> str:
+    """A field value for the text format: escaped, and quoted when it could be misread."""
+    text = escape(str(value))
+    if not text or _QUOTE.search(text):
+        return '"' + text.replace('"', '\\"') + '"'
+    return text
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", {})
-        extra = " ".join(f"{k}={v}" for k, v in fields.items())
+        extra = " ".join(f"{escape(str(k))}={text_value(v)}" for k, v in fields.items())
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        text = f"{stamp} {record.levelname.lower():7} {record.getMessage()} {extra}".rstrip()
+        event = escape(record.getMessage())
+        text = f"{stamp} {record.levelname.lower():7} {event} {extra}".rstrip()
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text

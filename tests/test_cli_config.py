@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import jwt
 import pytest
 
+from rtcsignal import cli
 from rtcsignal.config import Config, ConfigError, load_config
 from tests.helpers import close_all, get, http_request, open_client
+from tests.rawws import RawWS
 
 RTCSIGNAL = str(Path(sys.executable).with_name("rtcsignal"))
 
@@ -218,3 +223,58 @@ def test_sigterm_right_after_listening_line_exits_0():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(5)
+
+
+# --- values starting with '-' (issue 8, item 12) --------------------------------------------
+
+
+async def test_jwt_secret_starting_with_dash_works(run_server):
+    """One random base64 secret in 64 starts with '-'; argparse took it for a flag and the
+    server exited 2. Both subcommands must take it as the value."""
+    secret = "-" + base64.b64encode(os.urandom(48)).decode()
+    server = run_server("--auth", "jwt", "--jwt-secret", secret)
+    minted = run_cli("token", "--jwt-secret", secret, "--sub", "alice", "--ttl", "60")
+    assert minted.returncode == 0, minted.stderr
+    by_cli = minted.stdout.strip()
+    by_lib = jwt.encode({"sub": "bob", "exp": int(time.time()) + 60}, secret, algorithm="HS256")
+    assert jwt.decode(by_cli, secret, algorithms=["HS256"])["sub"] == "alice"
+    wa, _ = await open_client(server.url(f"token={by_cli}"))
+    wb, gb = await open_client(server.url(f"token={by_lib}"))
+    assert gb["clientsCount"] == 2
+    # The secret is the whole argument, not the argument without its '-'.
+    wrong = jwt.encode({"sub": "eve", "exp": int(time.time()) + 60}, secret[1:],
+                       algorithm="HS256")
+    raw = await RawWS.connect(server.host, server.port)
+    try:
+        assert (await raw.handshake(f"token={wrong}")).status == 401
+    finally:
+        raw.close()
+    await close_all([wa, wb])
+
+
+@pytest.mark.parametrize(("argv", "want"), [
+    (["serve", "--jwt-secret", "-abc", "--port", "0"],
+     ["serve", "--jwt-secret=-abc", "--port", "0"]),
+    (["token", "--sub", "-x", "--jwt-secret", "--b64==", "--ttl", "-5"],
+     ["token", "--sub=-x", "--jwt-secret=--b64==", "--ttl=-5"]),
+    (["serve", "--jwt-audience", "-"], ["serve", "--jwt-audience=-"]),
+    # Left for argparse: a known option (exact, with a value, abbreviated), a flag without
+    # a value, an ambiguous abbreviation, the end-of-options marker, another subcommand's
+    # option never taken as one here.
+    (["serve", "--jwt-secret", "--port", "0"], None),
+    (["serve", "--jwt-secret", "--port=0"], None),
+    (["serve", "--jwt-secret", "--po", "0"], None),
+    (["serve", "--jwt-secret", "-h"], None),
+    (["serve", "--require-origin", "-x"], None),
+    (["serve", "--jwt-secr", "-abc"], None),
+    (["serve", "--jwt-secret", "--"], None),
+    (["--help"], None),
+])
+def test_dash_values_are_joined_to_their_flag(argv, want):
+    assert cli.join_dash_values(cli.build_parser(), argv) == (argv if want is None else want)
+
+
+def test_missing_value_still_exits_2():
+    out = run_cli("serve", "--jwt-secret", "--port", "0")
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "--jwt-secret" in out.stderr and "expected one argument" in out.stderr

@@ -84,9 +84,12 @@ async def test_client_written_from_is_overwritten(server):
     await send_json(a, {"type": "ice-candidate", "from": "someone-else", "candidate": "c"})
     got = await recv_json(b)
     assert got == {"type": "ice-candidate", "from": ga["peerId"], "candidate": "c"}
-    # A raw text with a duplicated "from" key: whatever the parser sees, b must see a's id.
+    # A raw text with a duplicated "from" key: whichever duplicate a parser keeps, b must see
+    # a's id, once.
     await a.send('{"from":"x","type":"t","from":"y"}')
-    assert json.loads(await recv_text(b))["from"] == ga["peerId"]
+    text = await recv_text(b)
+    assert text.count('"from"') == 1
+    assert first_wins(text)["from"] == json.loads(text)["from"] == ga["peerId"]
     await close_all([a, b])
 
 
@@ -110,16 +113,86 @@ async def test_relay_preserves_order_of_200_messages(server):
     await close_all([a, b, c])
 
 
-async def test_relay_keeps_original_text(server):
+async def test_relay_is_the_servers_reading_written_out_again(server):
+    """What b receives is a's message as the server read it, re-serialised, with ``from``
+    first: every field and value kept, the client's whitespace and escapes not."""
     (a, ga), (b, _) = [await open_client(server.url()) for _ in range(2)]
-    text = '{"type":"raw",  "zeta": 1, "alpha" : [1.50, 2e3], "s":"\\u00e9"}'
+    text = '{"type":"raw",  "zeta": 1, "alpha" : [1.50, 2e3], "s":"\\u00e9", "n": null}'
     await a.send(text)
     got = await recv_text(b)
-    stamp = f'"from":"{ga["peerId"]}"'
-    assert stamp in got
-    # Take the stamp (and its separating comma) out again: the client's bytes remain.
-    rest = got.replace(stamp + ",", "", 1).replace("," + stamp, "", 1)
-    assert rest == text
+    assert got == ('{"from":"' + ga["peerId"]
+                   + '","type":"raw","zeta":1,"alpha":[1.5,2000.0],"s":"é","n":null}')
+    assert json.loads(got) == {**json.loads(text), "from": ga["peerId"]}
+    await close_all([a, b])
+
+
+def first_wins(text: str) -> dict:
+    """A JSON parser that keeps the first of duplicate keys (the server's keeps the last)."""
+    return json.loads(text, object_pairs_hook=lambda pairs: dict(reversed(pairs)))
+
+
+async def test_duplicate_keys_cannot_show_a_receiver_another_type_or_to(server):
+    """Issue 8, item 10: with duplicate ``type``/``to`` keys, a receiver must read the same
+    message the server routed, whichever duplicate its parser keeps."""
+    (a, ga), (b, gb), (c, gc) = [await open_client(server.url()) for _ in range(3)]
+    for template in ('{"type":"%s","type":"offer","to":"%s","to":"%s","sdp":"v=0"}',
+                     '{"type":"%s","\\u0074ype":"offer","to":"%s","\\u0074o":"%s","sdp":"v=0"}'):
+        for disguise in ("error", "peer-left", "connected"):
+            # The server reads type "offer", to b (orjson keeps the last duplicate).
+            await a.send(template % (disguise, gc["peerId"], gb["peerId"]))
+            text = await recv_text(b)
+            want = {"from": ga["peerId"], "type": "offer", "to": gb["peerId"], "sdp": "v=0"}
+            assert first_wins(text) == json.loads(text) == want, text
+    # Routed to b only: the next thing a and c see is b's marker.
+    await send_json(b, {"type": "marker"})
+    for ws in (a, c):
+        assert await recv_json(ws) == {"type": "marker", "from": gb["peerId"]}
+    # The other way round the server reads a reserved type and refuses; nothing is relayed.
+    await a.send('{"type":"offer","type":"error","code":"x","message":"fake"}')
+    assert (await recv_json(a))["code"] == "reserved-type"
+    await send_json(c, {"type": "marker2"})
+    assert await recv_json(b) == {"type": "marker2", "from": gc["peerId"]}
+    await close_all([a, b, c])
+
+
+BIG = "123456789012345678901234567890"
+
+
+@pytest.mark.parametrize("text", [
+    '{"type":"x","n":' + BIG + ',"id":"m1"}',
+    '{"type":"x","from":"me","n":' + BIG + ',"id":"m1"}',
+    '{"type":"x","list":[1,{"n":-' + BIG + '}],"id":"m1"}',
+    '{"type":"x","from":"me","n":18446744073709551616,"id":"m1"}',
+])
+async def test_integer_beyond_64_bits_is_refused_never_turned_into_a_float(server, text):
+    """Issue 8, item 10: a 30-digit integer must arrive unchanged or the sender gets
+    invalid-message; never a float. rtcsignal refuses it (docs/protocol.md, Relaying)."""
+    (a, _), (b, gb) = [await open_client(server.url()) for _ in range(2)]
+    await a.send(text)
+    err = await recv_json(a)
+    assert (err["type"], err["code"], err["ref"]) == ("error", "invalid-message", "m1"), err
+    assert "integer out of range" in err["message"]
+    await send_json(b, {"type": "marker"})
+    assert await recv_json(a) == {"type": "marker", "from": gb["peerId"]}
+    # Nothing reached b: the next thing it gets is a's next message.
+    await send_json(a, {"type": "after"})
+    assert (await recv_json(b))["type"] == "after"
+    await close_all([a, b])
+
+
+async def test_numbers_and_digit_strings_arrive_unchanged(server):
+    (a, ga), (b, _) = [await open_client(server.url()) for _ in range(2)]
+    sdp = ("v=0\\r\\no=- 18345081934571234567 2 IN IP4 127.0.0.1\\r\\ns=-\\r\\n"
+           "a=ice-pwd:abe+Qe+1\\r\\n")
+    text = ('{"type":"offer","from":"me","sdp":"' + sdp + '","ts":"' + BIG + '",'
+            '"max":18446744073709551615,"min":-9223372036854775808,"i":9007199254740993,'
+            '"f":0.1,"e":1e20,"g":-2.5e-300}')
+    await a.send(text)
+    got = await recv_text(b)
+    assert json.loads(got) == {**json.loads(text), "from": ga["peerId"]}
+    for literal in ('"max":18446744073709551615', '"min":-9223372036854775808',
+                    '"i":9007199254740993', '"ts":"' + BIG + '"'):
+        assert literal in got, literal
     await close_all([a, b])
 
 

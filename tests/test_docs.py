@@ -27,7 +27,7 @@ def test_readme_gives_two_setup_commands_and_ci_runs_the_test_one():
     ci = (ROOT / ".ci" / "run").read_text()
     commands = [line.strip() for line in ci.splitlines()
                 if line.strip() and not line.lstrip().startswith(("#", "set ", "cd "))]
-    assert commands == ["make test"], commands
+    assert commands == ["make test", "make conformance"], commands
 
 
 def test_protocol_doc_lists_every_error_code_and_reserved_type():

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 
 import pytest
 
+from rtcsignal import logs
 from tests.helpers import close_all, get, metrics, open_client, recv_json, send_json
+from tests.rawws import HttpAnswer, RawWS, parse_head
 
 # --- 8. HTTP -------------------------------------------------------------------------------
 
@@ -47,6 +51,75 @@ async def test_signaling_without_upgrade_is_426(server):
     ws, greeting = await open_client(server.url())
     assert greeting["clientsCount"] == 1
     await close_all([ws])
+
+
+async def raw_http(server, request: bytes) -> HttpAnswer:
+    """Send ``request`` as is; the answer with everything after its head as the body (the
+    server closes after answering, so this also shows a HEAD answer carries no body)."""
+    ws = await RawWS.connect(server.host, server.port)
+    try:
+        ws.send_raw(request)
+        data = await ws.expect_eof()
+    finally:
+        ws.close()
+    head, sep, body = data.partition(b"\r\n\r\n")
+    assert sep, f"no complete HTTP answer: {data!r}"
+    answer = parse_head(head)
+    answer.body = body
+    return answer
+
+
+async def test_head_healthz_has_get_headers_and_no_body(server):
+    status, get_hdrs, get_body = await get(server, "/healthz")
+    assert status == 200
+    answer = await raw_http(server, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.status == 200
+    assert answer.body == b""
+    assert int(answer.headers["content-length"]) == len(get_body)  # what GET would send
+    assert answer.headers["content-type"] == get_hdrs["content-type"]
+    refused = await raw_http(server, b"HEAD /no-such-page HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert refused.status == 404 and refused.body == b"", refused  # errors too: no body
+    assert int(refused.headers["content-length"]) > 0, refused.headers
+
+
+@pytest.mark.parametrize("request_head,status", [
+    (b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    (b"GET /healthz HTTP/1.1\r\nAccept: */*\r\n\r\n", 400),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Probe: a\x00b\r\n\r\n", 400),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Probe: \x1b[31mred\r\n\r\n", 400),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pro\x7fbe: v\r\n\r\n", 400),
+    (b"GET /health\x01z HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"GET /healthz HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    (b"GET /healthz HTTP/1.2\r\nHost: x\r\n\r\n", 505),
+    (b"GET /healthz HTTP/x\r\nHost: x\r\n\r\n", 400),
+])
+async def test_malformed_request_heads_are_refused(server, request_head, status):
+    answer = await raw_http(server, request_head)
+    assert answer.status == status, (request_head, answer)
+    # The server is still fine, and HTTP/1.0 may leave Host out.
+    assert (await raw_http(server, b"GET /healthz HTTP/1.0\r\n\r\n")).status == 200
+
+
+async def test_two_host_headers_via_client_are_400(server):
+    status, _, body = await get(server, "/healthz", headers={"Host": "other.example"})
+    assert status == 400, body
+    assert b"Host" in body
+
+
+@pytest.mark.parametrize("query", ["room=a&room=b", "room=a&room=a", "token=t&room=a&token=u"])
+async def test_duplicate_query_parameter_is_400_before_upgrade(server, query):
+    ws = await RawWS.connect(server.host, server.port)
+    try:
+        answer = await ws.handshake(query)
+    finally:
+        ws.close()
+    key = query.split("&")[-1].split("=")[0]
+    assert answer.status == 400, answer
+    assert answer.body == f"duplicate query parameter {key}\n".encode()
+    # No one joined anything: a clean client still gets in alone.
+    ws2, greeting = await open_client(server.url("room=a"))
+    assert greeting["clientsCount"] == 1
+    await close_all([ws2])
 
 
 async def test_metrics_counters_move_with_traffic(server):
@@ -95,6 +168,25 @@ async def test_metrics_counters_move_with_traffic(server):
     assert gone["rtcsignal_connections_open"] == 2
     assert gone["rtcsignal_connections_total"] == after["rtcsignal_connections_total"]
     await close_all([b, c])
+
+
+async def test_documented_types_keep_their_metric_label_after_junk(run_server):
+    server = run_server("--metrics-max-types", "2")
+    (a, _), (b, _) = [await open_client(server.url()) for _ in range(2)]
+    kinds = [f"junk-{i}" for i in range(5)] + ["offer", "answer", "ice-candidate"]
+    for kind in kinds:
+        await send_json(a, {"type": kind})
+    for kind in kinds:
+        assert (await recv_json(b))["type"] == kind
+    after = await metrics(server)
+    for table in ("received", "relayed"):
+        name = f"rtcsignal_messages_{table}_total"
+        for kind in ("offer", "answer", "ice-candidate"):
+            assert after[f'{name}{{type="{kind}"}}'] == 1, (kind, after)
+        assert after[f'{name}{{type="junk-0"}}'] == after[f'{name}{{type="junk-1"}}'] == 1
+        assert after[f'{name}{{type="_other"}}'] == 3
+        assert f'{name}{{type="junk-2"}}' not in after
+    await close_all([a, b])
 
 
 async def test_metrics_is_prometheus_text(server):
@@ -165,6 +257,35 @@ async def test_disconnect_line_records_client_close_code(server):
     line = server.wait_for(lambda e: e.get("event") == "disconnect"
                            and e.get("peer") == greeting["peerId"])
     assert line["code"] == 4001
+
+
+async def test_text_log_escapes_client_chosen_type(make_service):
+    """The text format (what a terminal shows) over a real socket: a message ``type`` with a
+    newline and ANSI escapes, logged by the debug "relayed" line, stays on one line with its
+    control characters escaped. In process (``make_service``) because the subprocess fixture
+    reads JSON logs only."""
+    logger = logging.getLogger("rtcsignal")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    out = io.StringIO()
+    logs.configure("debug", "text", out)
+    try:
+        svc = await make_service()
+        url = f"ws://127.0.0.1:{svc.port}/signaling"
+        (a, ga), (b, _) = [await open_client(url) for _ in range(2)]
+        forged = "probe\n12:00:00 info    connect peer=forged\x1b[2J\x1b[31m"
+        await send_json(a, {"type": forged})
+        assert (await recv_json(b))["type"] == forged
+        await close_all([a, b])
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+    text = out.getvalue()
+    assert "\x1b" not in text
+    relayed = [line for line in text.splitlines() if " relayed " in line]
+    assert len(relayed) == 1, text
+    assert f"peer={ga['peerId']} " in relayed[0]
+    assert ' type="probe\\n12:00:00 info    connect peer=forged\\x1b[2J\\x1b[31m" ' in relayed[0]
+    assert not [line for line in text.splitlines() if "peer=forged" in line
+                and " relayed " not in line], text
 
 
 async def test_no_debug_lines_at_info_level(run_server):

@@ -242,6 +242,8 @@ async def test_invalid_utf8_text_frame_closes_1007_and_nothing_is_relayed(run_se
     code, _ = await ws.expect_close()
     assert code == 1007, code
     await ws.expect_eof()
+    left = await b.expect("peer-left")  # the next thing b sees: nothing was relayed
+    assert left["peerId"] == hello["peerId"], left
     await assert_still_healthy(server, a, b)
 
 
@@ -773,3 +775,300 @@ async def test_websocket_ping_flood_counts_against_the_rate_limit(run_server: An
         assert server.alive()
     finally:
         ws.close()
+
+
+# --- the engine issue (8): conformance rules and abuse holes over real sockets ------------
+
+
+async def test_invalid_utf8_in_a_fragment_closes_1007_before_the_message_ends(run_server):
+    """RFC 6455 8.1 + Autobahn 6.4: the fragment (or the part of a frame) carrying a bad
+    byte fails the connection at once; the rest of the message is never sent here."""
+    server = run_server()
+    room = unique("r")
+    a, b = await healthy_pair(server, room)
+    ws, _ = await attacker(server, room, b)
+    ws.send(OP_TEXT, b'{"type":"offer","sdp":"', fin=False)
+    ws.send(OP_CONT, b"ok \xce\xba \xf4\x90\x80\x80", fin=False)
+    code, _ = await ws.expect_close()
+    assert code == 1007, code
+    await ws.expect_eof()
+    left = await b.expect("peer-left")  # nothing of the message was relayed before it
+    assert left["reason"] == "closed", left
+    # One frame whose first bytes arrive (with a bad byte) while the rest never does.
+    ws, _ = await attacker(server, room, b)
+    frame = build_frame(OP_TEXT, b'{"type":"offer","sdp":"\xed\xa0\x80' + b"x" * 1000 + b'"}')
+    ws.send_raw(frame[:40])
+    code, _ = await ws.expect_close()
+    assert code == 1007, code
+    await assert_still_healthy(server, a, b)
+
+
+@pytest.mark.parametrize("bad", [
+    build_frame(OP_TEXT, b"{}", rsv=4),
+    build_frame(0x3, b""),
+    build_frame(0xB, b""),
+    build_frame(OP_CONT, b"x"),
+    build_frame(OP_TEXT, b"{}", mask=False),
+], ids=["rsv", "opcode-3", "opcode-11", "stray-continuation", "unmasked"])
+async def test_message_before_a_bad_frame_in_one_read_is_relayed_then_1002(run_server, bad):
+    server = run_server()
+    room = unique("r")
+    a, b = await healthy_pair(server, room)
+    ws, hello = await attacker(server, room, b)
+    tag = unique("m")
+    ws.send_raw(build_frame(OP_TEXT, json.dumps({"type": "marker", "tag": tag}).encode()) + bad)
+    msg = await b.next()
+    assert msg == {"from": hello["peerId"], "type": "marker", "tag": tag}, msg
+    code, _ = await ws.expect_close()
+    assert code == 1002, code
+    await ws.expect_eof()
+    await assert_still_healthy(server, a, b)
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    (b"\x03", 1002),
+    *[(c.to_bytes(2, "big"), 1002) for c in (0, 999, 1004, 1005, 1006, 1016, 1100, 2000, 2999)],
+    ((1000).to_bytes(2, "big") + b"bad \xff reason", 1007),
+    ((1000).to_bytes(2, "big") + b"r" * 124, 1002),  # 126-byte control frame
+])
+async def test_malformed_close_frame_gets_its_code_and_tcp_closes_at_once(
+        run_server, body, code):
+    """Autobahn 7.3.x, 7.5.1, 7.9.x: the answer is a close with 1002 (1007 for a reason that
+    is not UTF-8) and the server drops TCP itself, long before --close-timeout."""
+    server = run_server("--close-timeout", "60")
+    room = unique("r")
+    a, b = await healthy_pair(server, room)
+    ws, _ = await attacker(server, room, b)
+    ws.send(OP_CLOSE, body)
+    got, _ = await ws.expect_close()
+    assert got == code, (got, code)
+    await ws.expect_eof(timeout=TIMEOUT)  # the old engine waited the whole close timeout
+    await assert_still_healthy(server, a, b)
+
+
+async def rss_after(proc: psutil.Process) -> int:
+    await asyncio.sleep(0)  # RSS sampling, not synchronisation
+    return proc.memory_info().rss
+
+
+async def test_zero_length_continuations_do_not_grow_server_memory(run_server):
+    """A message opened with a non-final frame and followed by a million empty
+    continuations (6 MB on the wire) costs no memory; the message still arrives whole."""
+    server = run_server("--rate-limit", "100000000", "--rate-burst", "100000000")
+    proc = psutil.Process(server.proc.pid)
+    room = unique("r")
+    a, b = await healthy_pair(server, room)
+    ws, hello = await attacker(server, room, b)
+    ws.send(OP_TEXT, b'{"type":"frag","tail":"', fin=False)
+    batch = build_frame(OP_CONT, b"", fin=False) * 10_000
+    await ws.drain()
+    base = await rss_after(proc)
+    for _ in range(100):
+        ws.send_raw(batch)
+        await ws.drain()
+    ws.send(OP_CONT, b'end"}')
+    msg = await b.next(timeout=30)
+    assert msg == {"from": hello["peerId"], "type": "frag", "tail": "end"}, msg
+    growth = await rss_after(proc) - base
+    assert growth < 2 * 1024 * 1024, f"RSS grew {growth / 1048576:.1f} MiB for 6 MB of empty frames"
+    await assert_still_healthy(server, a, b)
+
+
+async def test_one_byte_fragments_cost_no_more_than_the_message(run_server):
+    """65,000 one-byte fragments of a 64 KB message: memory stays near the message's size."""
+    server = run_server("--rate-limit", "100000000", "--rate-burst", "100000000")
+    proc = psutil.Process(server.proc.pid)
+    room = unique("r")
+    a, b = await healthy_pair(server, room)
+    ws, _ = await attacker(server, room, b)
+    head = b'{"type":"frag","pad":"'
+    ws.send(OP_TEXT, head, fin=False)
+    await ws.drain()
+    base = await rss_after(proc)
+    for _ in range(65):
+        ws.send_raw(b"".join(build_frame(OP_CONT, b"y", fin=False) for _ in range(1000)))
+        await ws.drain()
+    ws.send(OP_CONT, b'"}')
+    msg = await b.next(timeout=30)
+    assert msg["type"] == "frag" and msg["pad"] == "y" * 65_000, len(msg.get("pad", ""))
+    growth = await rss_after(proc) - base
+    assert growth < 1536 * 1024, f"RSS grew {growth / 1048576:.2f} MiB for a 64 KB message"
+    await assert_still_healthy(server, a, b)
+
+
+async def flood_until_closed(ws: RawWS, frame: bytes, per_batch: int = 200,
+                             limit: float = 20.0) -> tuple[int, int | None]:
+    """Send ``frame`` in batches every few milliseconds (far over any rate limit, with no
+    pause long enough to refill a token) while a reader collects the answers; returns
+    (rate-limited errors seen, close code) once the server closes the connection."""
+    errors = 0
+    closed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def read() -> None:
+        nonlocal errors
+        while True:
+            op, payload = await ws.recv_frame(timeout=limit)
+            if op == OP_CLOSE:
+                closed.set_result(int.from_bytes(payload[:2], "big"))
+                return
+            if op == OP_TEXT and json.loads(payload).get("code") == "rate-limited":
+                errors += 1
+
+    reader = asyncio.ensure_future(read())
+    batch = frame * per_batch
+    deadline = time.monotonic() + limit
+    try:
+        while not closed.done():
+            assert time.monotonic() < deadline, f"not closed within {limit} s ({errors} errors)"
+            with contextlib.suppress(ConnectionError):
+                ws.send_raw(batch)
+            await asyncio.sleep(0.005)  # paces the flood: ~40,000 frames/s
+        return errors, closed.result()
+    finally:
+        reader.cancel()
+
+
+@pytest.mark.parametrize("kind", ["fragments", "pongs"])
+async def test_fragment_and_pong_floods_are_rate_limited_then_closed_1008(run_server, kind):
+    """Empty continuation frames and unsolicited pongs spend rate-limit tokens like messages:
+    a flood gets rate-limited errors, then close 1008; the healthy pair is untouched."""
+    server = run_server()
+    room = unique("r")
+    a, b = await healthy_pair(server, room)
+    ws, _ = await attacker(server, room, b)
+    if kind == "fragments":
+        ws.send(OP_TEXT, b'{"type":"x"', fin=False)
+        frame = build_frame(OP_CONT, b"", fin=False)
+    else:
+        frame = build_frame(OP_PONG, b"p" * 125)
+    errors, code = await flood_until_closed(ws, frame)
+    assert code == 1008, code
+    assert 1 <= errors <= 10, f"{errors} rate-limited errors: one per flood, not per frame"
+    await assert_still_healthy(server, a, b)
+
+
+async def test_client_that_closes_and_never_reads_is_dropped_within_close_timeout(run_server):
+    """The client's close is answered, but its socket does not read, so the answer cannot be
+    written: the server must still drop it after --close-timeout, freeing its slot."""
+    server = run_server("--close-timeout", "1", "--max-send-buffer", "64m",
+                        "--slow-reader-timeout", "600", "--rate-limit", "1000000",
+                        "--rate-burst", "1000000", "--rate-limit-bytes", "1024m",
+                        "--rate-burst-bytes", "1024m")
+    room = unique("r")
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (server.host, server.port)), TIMEOUT)
+        await loop.sock_sendall(sock, RawWS.request_bytes(f"room={room}"))
+        data = b""
+        while b'"joined"' not in data:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), TIMEOUT)
+            assert chunk, data
+            data += chunk
+        slow_id = json.loads(data.split(b"\r\n\r\n", 1)[1][2:].split(b"\x81", 1)[0])["peerId"]
+        flooder = await Peer.open(server.url(f"room={room}"), "F")
+        await flooder.expect("joined")
+        pad = "x" * 60_000
+        for n in range(200):  # 12 MB, far past what the kernel buffers hold for the reader
+            await flooder.send({"type": "bulk", "n": n, "pad": pad})
+        await flooder.send({"type": "ping", "id": "sync"})
+        await flooder.expect("pong")  # the server has queued all of it for the reader
+        await loop.sock_sendall(sock, build_frame(OP_CLOSE, (1000).to_bytes(2, "big")))
+        gone = await asyncio.to_thread(server.wait_for, lambda e: e.get(
+            "event") == "disconnect" and e.get("peer") == slow_id, 6.0)
+        assert gone["code"] == 1000, gone
+        await flooder.close()
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("readers", [10, 1])
+async def test_one_sender_within_its_limits_cannot_get_readers_closed(run_server, readers):
+    """Default limits. One sender pushes 200 messages of 60 KB (within --rate-burst) into a
+    room of readers that read as fast as they can (readers=1: addressed with `to`). The byte
+    budget refuses what would overrun a receiver, with rate-limited errors naming each
+    refused id; no reader is closed, and sent = delivered + refused for every reader."""
+    server = run_server()
+    room = unique("r")
+    peers = []
+    for i in range(readers):
+        p = await Peer.open(server.url(f"room={room}"), f"R{i}", frozenset({"bulk"}))
+        await p.expect("joined")
+        peers.append(p)
+    sender = await Peer.open(server.url(f"room={room}"), "S")
+    await sender.expect("joined")
+    target = peers[0].id if readers == 1 else None
+    pad = "z" * 60_000
+    sent = 200
+    for n in range(sent):
+        msg: dict[str, Any] = {"type": "bulk", "id": f"b{n}", "pad": pad}
+        if target:
+            msg["to"] = target
+        await sender.send(msg)
+    refused: set[str] = set()
+    tag = unique("end")
+    while True:  # the end marker is retried until the byte budget has room for it
+        end: dict[str, Any] = {"type": "end", "tag": tag, "id": tag}
+        if target:
+            end["to"] = target
+        await sender.send(end)
+        await sender.send({"type": "ping", "id": "sync"})  # answered after the marker
+        end_refused = False
+        while True:
+            got = await sender.next(timeout=TIMEOUT)
+            if got.get("code") == "rate-limited":
+                if got["ref"] == tag:
+                    end_refused = True
+                elif got["ref"] != "sync":
+                    refused.add(got["ref"])
+            if got.get("ref") == "sync":
+                break
+            assert got.get("type") in ("error", "peer-joined"), got
+        if not end_refused:
+            break
+        await asyncio.sleep(0.05)  # paces the retry of a refused marker
+    for p in peers:
+        while (m := await p.next(timeout=15)).get("type") != "end":
+            assert m.get("type") == "peer-joined", m
+        assert not p.closed.done(), f"{p.name} was closed: {p.closed.result()}"
+        delivered = p.counts.get("bulk", 0)
+        assert delivered + len(refused) == sent, (p.name, delivered, len(refused))
+    assert refused, "the byte budget refused nothing: the test did not exercise it"
+    for p in (*peers, sender):
+        await p.close()
+
+
+async def test_pending_handshakes_are_capped(run_server):
+    """Sockets that never send a request count against --max-pending-connections: past it a
+    new socket gets 503 at once instead of holding a slot until the handshake timeout."""
+    server = run_server("--max-pending-connections", "4")
+    idle = [await RawWS.connect(server.host, server.port) for _ in range(4)]
+    extra = await RawWS.connect(server.host, server.port)
+    answer = await extra.read_answer()
+    assert answer.status == 503, answer
+    assert int(answer.headers["retry-after"]) >= 1, answer
+    extra.close()
+    for ws in idle:
+        ws.close()
+    deadline = time.monotonic() + TIMEOUT
+    while True:  # the server notices the closed sockets asynchronously
+        status, _, _ = await http_get(server, "/healthz")
+        if status == 200:
+            break
+        assert status == 503 and time.monotonic() < deadline, status
+        await asyncio.sleep(0.05)
+
+
+async def test_rate_limited_error_carries_the_refused_message_id(run_server):
+    server = run_server("--rate-limit", "0.01", "--rate-burst", "3")
+    room = unique("r")
+    _, b = await healthy_pair(server, room)
+    ws, _ = await attacker(server, room, b)
+    for n in range(3):
+        ws.send_json({"type": "offer", "id": f"ok{n}"})
+        assert (await b.next())["id"] == f"ok{n}"
+    ws.send_json({"type": "offer", "id": {"mine": 4}})
+    err = await ws.recv_json()
+    assert err["code"] == "rate-limited" and err["ref"] == {"mine": 4}, err

@@ -289,8 +289,9 @@ class Hub:
         """Spend one message token and ``size`` byte tokens of the peer's budgets (text,
         binary, WebSocket pings and pongs, and each fragment of a message all count).
 
-        A refusal answers ``rate-limited``, with the refused message's ``id`` as ``ref``
-        when ``text`` is given and carries one; a flood lasting RATE_LIMIT_CLOSE_AFTER
+        A refused message (``text`` given) is answered ``rate-limited`` with its ``id`` as
+        ``ref``; refused pings, pongs and fragments get one such error when their flood
+        starts, not one each (no amplification). A flood lasting RATE_LIMIT_CLOSE_AFTER
         seconds closes the connection with 1008.
         """
         now = self.clock()
@@ -311,9 +312,10 @@ class Hub:
             self.metrics.count_error(ErrorCode.RATE_LIMITED)
             peer.sink.close(CLOSE_POLICY, ErrorCode.RATE_LIMITED)
             return False
-        self.send_error(peer, MessageError(
-            ErrorCode.RATE_LIMITED, "too many messages or bytes; slow down", _ref_of(text)
-        ), quiet)
+        if text is not None or not quiet:  # control frames and fragments: once per flood
+            self.send_error(peer, MessageError(
+                ErrorCode.RATE_LIMITED, "too many messages or bytes; slow down", _ref_of(text)
+            ), quiet)
         return False
 
     def _command(self, peer: Peer, kind: str, obj: dict[str, Any]) -> None:

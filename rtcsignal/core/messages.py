@@ -1,12 +1,16 @@
 """The signaling message format: parsing client messages and building server messages.
 
 A client message is a JSON object with a string ``type`` of 1-64 characters. It is parsed
-once (orjson); the relayed bytes are the client's own text with ``"from"`` inserted, so
-nothing is re-serialised unless the client wrote a ``from`` of its own.
+once (orjson), and what is relayed is that reading written out again (``stamp_from``), never
+the client's own bytes: a receiver then cannot read a different ``type`` or ``to`` than the
+server routed on, whatever its parser does with duplicate keys (see docs/design.md, "Relayed
+text: re-serialised, not spliced").
 """
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import orjson
@@ -71,16 +75,67 @@ def parse(text: bytes) -> dict[str, Any]:
 
 
 def stamp_from(text: bytes, obj: dict[str, Any], peer_id: str) -> bytes:
-    """The relayed text: the client's bytes with ``"from":"<peer_id>"`` as the first field.
+    """The relayed text: ``obj`` (the server's reading of ``text``) re-serialised, with
+    ``"from":"<peer_id>"`` as the first field (a client-written ``from`` is dropped).
 
-    When the client wrote its own ``from`` we re-serialise, because a duplicate key would
-    leave which one wins to the receiver's parser.
+    Re-serialising means a key the client repeated arrives once, with the value the server
+    read (orjson keeps the last), so parsers that keep the first and parsers that keep the
+    last agree with the routing. Numbers keep their values, with one exception orjson would
+    hide: an integer outside [-2**63, 2**64) was read as a float, so it is refused
+    (``invalid-message``) instead of arriving as a different number. Raises MessageError.
     """
     if "from" in obj:
-        obj["from"] = peer_id
-        return reencode(obj)
-    i = text.find(b"{") + 1
-    return b"".join((text[:i], b'"from":"', peer_id.encode(), b'",', text[i:]))
+        obj = {k: v for k, v in obj.items() if k != "from"}
+    body = reencode(obj)
+    # orjson writes every float of magnitude >= 1e16 as "<digits>e+<digits>", and an integer
+    # out of range became such a float; so no "e+<digit>" in the output (nearly always: a
+    # '+' at all is rare outside base64 strings) proves there was none. One memchr for '+',
+    # a regex only from the first '+' on; see docs/design.md for the measurements.
+    plus = body.find(b"+")
+    if plus > 0 and _EXPONENT.search(body, plus - 1) is not None:
+        check_integers(text, obj.get("id"))
+    if len(body) == 2:  # b"{}": only reachable by calling this without a type
+        return b"".join((b'{"from":', orjson.dumps(peer_id), b"}"))
+    return b"".join((b'{"from":', orjson.dumps(peer_id), b",", body[1:]))
+
+
+_EXPONENT = re.compile(rb"e\+[0-9]")
+
+#: Integers orjson reads as integers; outside this it silently makes floats of them.
+MIN_INT = -(2**63)
+MAX_INT = 2**64 - 1
+
+
+class _OutOfRange(Exception):
+    pass
+
+
+def _int_in_range(digits: str) -> int:
+    # JSON integers have no leading zeros, so more than 20 characters is out of range (and
+    # int() of thousands of digits would be slow, or refused by Python's digit limit).
+    if len(digits) > 20:
+        raise _OutOfRange
+    n = int(digits)
+    if not MIN_INT <= n <= MAX_INT:
+        raise _OutOfRange
+    return n
+
+
+def check_integers(text: bytes, ref: Any = None) -> None:
+    """Refuse ``text`` (already valid JSON for orjson) if any integer in it is outside
+    [-2**63, 2**64): orjson read it as a float, and relaying that would change the number.
+    Exact and slow (a second parse), so only called when a cheap filter says it may be so."""
+    try:
+        json.loads(text, parse_int=_int_in_range)
+    except _OutOfRange:
+        raise MessageError(
+            ErrorCode.INVALID_MESSAGE,
+            f"integer out of range: integers must be within [{MIN_INT}, {MAX_INT}]",
+            ref,
+        ) from None
+    except RecursionError:  # deeper than the stdlib parser goes (orjson reads 1024 levels)
+        raise MessageError(ErrorCode.INVALID_MESSAGE, "message is nested too deeply",
+                           ref) from None
 
 
 def encode(obj: dict[str, Any]) -> bytes:
@@ -92,8 +147,11 @@ def reencode(obj: Any, what: str = "message") -> bytes:
     (1024 vs 254 levels), so a valid message can be impossible to write back."""
     try:
         return orjson.dumps(obj)
-    except orjson.JSONEncodeError:
-        raise MessageError(ErrorCode.INVALID_MESSAGE, f"{what} is nested too deeply") from None
+    except orjson.JSONEncodeError as exc:
+        # Client JSON can only be too deep; an object rewritten by an application hook may
+        # also hold an integer beyond 64 bits or a non-JSON type.
+        problem = "is nested too deeply" if "Recursion" in str(exc) else "cannot be written as JSON"
+        raise MessageError(ErrorCode.INVALID_MESSAGE, f"{what} {problem}") from None
 
 
 def reply(body: dict[str, Any], ref: Any = None) -> bytes:

@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 OTHER_TYPE = "_other"
 
+#: The message types docs/protocol.md defines: relayed (offer, answer, ice-candidate), the
+#: commands, and the server-only types (counted as received when a client sends one and is
+#: refused with ``reserved-type``). They always get a label of their own.
+DOCUMENTED_TYPES = frozenset({
+    "offer", "answer", "ice-candidate",
+    "join", "leave", "ping",
+    "connected", "error", "joined", "left", "peer-joined", "peer-left", "pong",
+})
+
 
 class Metrics:
-    """Message types are client-chosen, so only the first ``max_types`` distinct ones get a
-    label of their own; the rest count as ``_other`` (bounded memory and scrape size)."""
+    """Message types are client-chosen, so besides the ``always_labelled`` ones (the
+    documented types) only the first ``max_types`` distinct types get a label of their own;
+    the rest count as ``_other`` (bounded memory and scrape size). The documented types never
+    count against ``max_types``: junk types sent first cannot push ``offer`` into ``_other``."""
 
-    def __init__(self, max_types: int = 64) -> None:
+    def __init__(self, max_types: int = 64,
+                 always_labelled: Iterable[str] = DOCUMENTED_TYPES) -> None:
         self.max_types = max_types
+        self.always_labelled = frozenset(always_labelled)
+        self._received_extra = 0  # labelled types in ``received`` not in always_labelled
+        self._relayed_extra = 0
         self.connections_total = 0
         self.disconnects: dict[str, int] = {}
         self.received: dict[str, int] = {}
@@ -25,21 +40,22 @@ class Metrics:
         self.heartbeat_timeouts = 0
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
-    def label(self, kind: str, table: dict[str, int]) -> str:
-        if kind in table or len(table) < self.max_types:
-            return kind
-        return OTHER_TYPE
-
     def count_received(self, kind: str) -> None:
         table = self.received
-        if kind not in table:
-            kind = self.label(kind, table)
+        if kind not in table and kind not in self.always_labelled:
+            if self._received_extra < self.max_types:
+                self._received_extra += 1
+            else:
+                kind = OTHER_TYPE
         table[kind] = table.get(kind, 0) + 1
 
     def count_relayed(self, kind: str, deliveries: int) -> None:
         table = self.relayed
-        if kind not in table:
-            kind = self.label(kind, table)
+        if kind not in table and kind not in self.always_labelled:
+            if self._relayed_extra < self.max_types:
+                self._relayed_extra += 1
+            else:
+                kind = OTHER_TYPE
         table[kind] = table.get(kind, 0) + 1
         self.deliveries += deliveries
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
@@ -27,7 +28,14 @@ REASONS = {
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
 }
+
+_VERSIONS = ("HTTP/1.0", "HTTP/1.1")
+_VERSION_SYNTAX = re.compile(r"HTTP/[0-9]+(\.[0-9]+)?")  # well formed, maybe unsupported
+# Control characters a request head must not carry: C0 except HTAB, and DEL. CR and LF only
+# appear as the CRLF line ends the head is split on; a bare one inside a line is refused too.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class HttpError(Exception):
@@ -53,15 +61,22 @@ class Request:
 
 
 def parse_request(head: bytes) -> Request:
-    """Parse a request head (everything before the blank line). Raises HttpError(400)."""
+    """Parse a request head (everything before the blank line). Raises HttpError: 400 for a
+    malformed head (control characters, repeated or missing ``Host``, a repeated query
+    parameter), 505 for an HTTP version other than 1.0 and 1.1."""
+    text = head.decode("latin-1")
+    lines = text.split("\r\n")
+    for line in lines:
+        if _CONTROL.search(line):
+            raise HttpError(400, "control character in request head")
     try:
-        text = head.decode("latin-1")
-        lines = text.split("\r\n")
         method, target, version = lines[0].split(" ")
     except ValueError:
         raise HttpError(400, "malformed request line") from None
-    if not version.startswith("HTTP/1."):
-        raise HttpError(400, "unsupported HTTP version")
+    if version not in _VERSIONS:
+        if _VERSION_SYNTAX.fullmatch(version):
+            raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+        raise HttpError(400, "malformed HTTP version")
     headers: dict[str, str] = {}
     for line in lines[1:]:
         if not line:
@@ -71,12 +86,27 @@ def parse_request(head: bytes) -> Request:
             raise HttpError(400, "malformed header line")
         key = name.lower()
         value = value.strip()
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        if key in headers:
+            if key == "host":
+                raise HttpError(400, "more than one Host header")
+            headers[key] = f"{headers[key]}, {value}"
+        else:
+            headers[key] = value
+    if "host" not in headers and version == "HTTP/1.1":
+        raise HttpError(400, "missing Host header")
     try:
         parts = urlsplit(target)
-        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
     except ValueError:
         raise HttpError(400, "malformed request target") from None
+    query = dict(pairs)
+    if len(query) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                # One reading for everyone: a proxy in front may keep the other value.
+                raise HttpError(400, f"duplicate query parameter {key}")
+            seen.add(key)
     return Request(method, target, parts.path or "/", query, headers)
 
 
@@ -123,7 +153,11 @@ def response(
     body: bytes | str = b"",
     content_type: str = "text/plain; charset=utf-8",
     headers: dict[str, str] | None = None,
+    *,
+    head: bool = False,
 ) -> bytes:
+    """A complete response. With ``head`` (the answer to a HEAD request) the headers are
+    those GET would get, Content-Length included (RFC 9110 section 9.3.2), and no body."""
     if isinstance(body, str):
         body = body.encode()
     lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}"]
@@ -134,4 +168,5 @@ def response(
     lines.append("X-Content-Type-Options: nosniff")
     for k, v in (headers or {}).items():
         lines.append(f"{k}: {v}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    out = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return out if head else out + body

@@ -55,6 +55,8 @@ OPEN, CLOSING, CLOSED = 1, 2, 3
 
 PING_FRAME = encode_frame(OP_PING, b"")
 
+_FRAGMENT_EVENT = (FRAGMENT, b"")  # shared: a flood of fragments allocates no events
+
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 
@@ -226,7 +228,7 @@ class Session:
             self._msg += payload
         if not fin:
             if self.state is OPEN:
-                out.append((FRAGMENT, b""))
+                out.append(_FRAGMENT_EVENT)
             return
         message = bytes(self._msg)
         self._drop_message()

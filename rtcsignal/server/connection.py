@@ -342,7 +342,7 @@ class Connection(asyncio.Protocol):
                 self._answer(response(
                     status, body, ctype, headers, head=request.method == "HEAD"))
         except HttpError as exc:
-            self._http_error(exc)
+            self._http_error(exc, head=request is not None and request.method == "HEAD")
 
     def _upgrade(self, request: Request, rest: bytes) -> None:
         if not is_upgrade(request):
@@ -358,8 +358,8 @@ class Connection(asyncio.Protocol):
         self.transport.close()
         self._arm_abort()
 
-    def _http_error(self, exc: HttpError) -> None:
+    def _http_error(self, exc: HttpError, head: bool = False) -> None:
         self.owner.metrics.count_rejected(exc.status)
         log.info("rejected", extra={"fields": {
             "addr": self.address, "status": exc.status, "reason": exc.reason}})
-        self._answer(response(exc.status, exc.reason + "\n", headers=exc.headers))
+        self._answer(response(exc.status, exc.reason + "\n", headers=exc.headers, head=head))

@@ -62,11 +62,12 @@ def test_parse_request_fields() -> None:
 def test_parse_request_http10_and_no_query() -> None:
     req = parse_request(head("POST /x HTTP/1.0"))
     assert (req.method, req.path, req.query, req.headers) == ("POST", "/x", {}, {})
-    assert parse_request(head("GET ?a=1 HTTP/1.1")).path == "/"
+    assert parse_request(head("GET ?a=1 HTTP/1.1", "Host: x")).path == "/"
 
 
 @pytest.mark.parametrize("line", [
-    "GET /", "GET / HTTP/1.1 extra", "", "GET  / HTTP/1.1", "GET / HTTP/2.0", "GET / SPDY/3",
+    "GET /", "GET / HTTP/1.1 extra", "", "GET  / HTTP/1.1", "GET / SPDY/3", "GET / HTTP/x",
+    "GET / FOO", "GET / http/1.1", "GET / HTTP/1.1.1",
 ])
 def test_parse_request_bad_request_line(line: str) -> None:
     with pytest.raises(HttpError) as info:
@@ -83,8 +84,77 @@ def test_parse_request_bad_header_line(bad: str) -> None:
 
 
 def test_parse_request_non_ascii_bytes_do_not_crash() -> None:
-    req = parse_request(b"GET /\xff HTTP/1.1\r\nX: \xe9")
+    req = parse_request(b"GET /\xff HTTP/1.1\r\nHost: x\r\nX: \xe9")
     assert req.path == "/\xff" and req.header("x") == "\xe9"
+
+
+@pytest.mark.parametrize("version", ["HTTP/2.0", "HTTP/1.2", "HTTP/0.9", "HTTP/3", "HTTP/10.0"])
+def test_parse_request_other_http_versions_are_505(version: str) -> None:
+    with pytest.raises(HttpError) as info:
+        parse_request(head(f"GET / {version}", "Host: x"))
+    assert info.value.status == 505
+    assert response(505).startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n")
+
+
+@pytest.mark.parametrize("lines", [
+    ("GET / HTTP/1.1", "Host: x", "Host: x"),
+    ("GET / HTTP/1.1", "Host: a", "host: b"),
+    ("GET / HTTP/1.0", "HOST: a", "X: y", "Host: a"),
+])
+def test_parse_request_two_host_headers_are_400(lines: tuple[str, ...]) -> None:
+    with pytest.raises(HttpError) as info:
+        parse_request(head(*lines))
+    assert info.value.status == 400
+    assert "Host" in info.value.reason
+
+
+def test_parse_request_http11_needs_host_http10_does_not() -> None:
+    with pytest.raises(HttpError) as info:
+        parse_request(head("GET /healthz HTTP/1.1", "Accept: */*"))
+    assert info.value.status == 400 and "Host" in info.value.reason
+    assert parse_request(head("GET /healthz HTTP/1.0", "Accept: */*")).path == "/healthz"
+    assert parse_request(head("GET /healthz HTTP/1.1", "Host:")).header("host") == ""
+
+
+CONTROLS = [chr(c) for c in [*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F]]
+
+
+@pytest.mark.parametrize("ctl", CONTROLS, ids=lambda c: f"0x{ord(c):02x}")
+@pytest.mark.parametrize("where", ["name", "value", "target", "method", "version"])
+def test_parse_request_control_bytes_are_400(ctl: str, where: str) -> None:
+    method, target, version, name, value = "GET", "/signaling", "HTTP/1.1", "X-Probe", "v"
+    if where == "name":
+        name = f"X-{ctl}Probe"
+    elif where == "value":
+        value = f"a{ctl}b"
+    elif where == "target":
+        target = f"/sig{ctl}naling"
+    elif where == "method":
+        method = f"G{ctl}ET"
+    else:
+        version = f"HTTP/1.1{ctl}"
+    raw = head(f"{method} {target} {version}", "Host: x", f"{name}: {value}")
+    with pytest.raises(HttpError) as info:
+        parse_request(raw)
+    assert info.value.status == 400
+
+
+def test_parse_request_tab_in_header_value_is_allowed() -> None:
+    assert parse_request(head("GET / HTTP/1.1", "Host: x", "X: a\tb")).header("x") == "a\tb"
+
+
+@pytest.mark.parametrize("query,key", [
+    ("room=a&room=b", "room"),
+    ("room=a&room=a", "room"),
+    ("token=t1&room=r&token=t2", "token"),
+    ("x&x", "x"),
+    ("room=a&ro%6Fm=b", "room"),  # the same key once decoded
+])
+def test_parse_request_duplicate_query_parameter_is_400(query: str, key: str) -> None:
+    with pytest.raises(HttpError) as info:
+        parse_request(head(f"GET /signaling?{query} HTTP/1.1", "Host: x"))
+    assert info.value.status == 400
+    assert info.value.reason == f"duplicate query parameter {key}"
 
 
 # --- upgrade checks ----------------------------------------------------------------------
@@ -178,3 +248,13 @@ def test_response_framing(status: int, body: str | bytes) -> None:
     assert fields["connection"] == "close"
     assert fields["retry-after"] == "7"
     assert fields["x-content-type-options"] == "nosniff"
+
+
+@pytest.mark.parametrize("body", [b'{"status":"ok"}', "ok ✓\n", b""])
+def test_head_response_has_get_headers_and_no_body(body: str | bytes) -> None:
+    get_answer = response(200, body, "application/json", {"X-A": "1"})
+    head_answer = response(200, body, "application/json", {"X-A": "1"}, head=True)
+    get_head, _, _ = get_answer.partition(b"\r\n\r\n")
+    assert head_answer == get_head + b"\r\n\r\n"  # same headers, Content-Length included
+    want = len(body.encode() if isinstance(body, str) else body)
+    assert f"\r\nContent-Length: {want}\r\n".encode() in head_answer

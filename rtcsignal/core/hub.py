@@ -261,8 +261,7 @@ class Hub:
                 if rewritten is None:
                     raise MessageError(ErrorCode.DROPPED, "message dropped by the server",
                                        obj.get("id"))
-                rewritten["from"] = peer.id
-                data = messages.reencode(rewritten)
+                data = messages.stamp_from(text, rewritten, peer.id)
             else:
                 data = messages.stamp_from(text, obj, peer.id)
         except MessageError as exc:

@@ -353,9 +353,17 @@ class Connection(asyncio.Protocol):
             self.data_received(rest)
 
     def _answer(self, data: bytes) -> None:
-        self.transport.write(data)
+        """Write an HTTP answer and end the connection without losing the answer: a
+        half-close (FIN) lets the client read it while whatever it still sends (its request,
+        when we refuse at connect) is read and dropped, not answered by a TCP reset. The
+        client's own close ends it, or ``close_timeout``."""
+        transport = self.transport
+        transport.write(data)
         self.state = CLOSED
-        self.transport.close()
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()
         self._arm_abort()
 
     def _http_error(self, exc: HttpError, head: bool = False) -> None:

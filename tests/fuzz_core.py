@@ -1,15 +1,22 @@
-"""Fuzz target for the message parser and the routing core (issue 5).
+"""Fuzz target for the WebSocket session engine and the routing core (issue 5).
 
 Run:  python -m tests.fuzz_core --seconds 300      (or: make fuzz, FUZZ_SECONDS=300)
 
 Hypothesis generates the inputs; the run repeats batches of examples until the time is up
 and stops at the first failure, printing the (shrunk) falsifying example. Targets:
 
-- ``frames_random``: arbitrary bytes, fed in arbitrary chunks, into ``FrameReader.feed``.
-  Only ``ProtocolError`` (with code 1002, 1007 or 1009) may come out; every message it
-  returns has a valid opcode and size; memory held stays within max_size + one chunk.
+- ``frames_random``: arbitrary bytes (biased towards plausible frame headers), fed in
+  arbitrary chunks into ``Session.receive_data``, sometimes with our own ``close()`` in
+  between. ``receive_data`` never raises; a failure carries 1002, 1007 or 1009 and queues a
+  close frame with that code; every event has a valid opcode and size, text is UTF-8, no
+  event follows the peer's close (nor any data event our close); memory held stays within
+  max_size + one control frame + frame headers, however the input is chunked.
+- ``frames_mutated``: well-formed streams with a few bytes flipped, inserted or deleted,
+  checked like ``frames_random``.
 - ``frames_valid``: well-formed client streams (fragmented messages with control frames
-  interleaved), fed in arbitrary chunks: the reader returns exactly the messages sent.
+  interleaved, a valid close), fed in arbitrary chunks: the session returns exactly the
+  events sent (one FRAGMENT per non-final frame) and never fails, except with 1009 at the
+  frame that takes a message over max_size (nothing after it is returned).
 - ``hub``: a Hub with several peers in rooms receives arbitrary bytes and arbitrary JSON
   messages (join/leave/ping/relay with odd ``to``/``room``/``id``/``meta``/``from``, deeply
   nested values), binary frames and disconnects. ``handle_text`` must never raise, every
@@ -21,6 +28,7 @@ and stops at the first failure, printing the (shrunk) falsifying example. Target
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import struct
 import sys
@@ -34,18 +42,22 @@ from hypothesis import strategies as st
 
 from rtcsignal.core.hub import Hooks, Hub, Peer
 from rtcsignal.core.ratelimit import TokenBucket
-from rtcsignal.protocol.frames import FrameReader, ProtocolError
+from rtcsignal.protocol.session import FRAGMENT, OPEN, Session
 from tests.unit.sinks import Recorder
 
 MAX_SIZE = 512
-VALID_OPS = {0x1, 0x2, 0x8, 0x9, 0xA}
+MAX_HEADER = 14  # 2 + 8 (64-bit length) + 4 (mask)
+TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
+EVENT_OPS = {TEXT, BINARY, CLOSE, PING, PONG, FRAGMENT}
+VALID_CLOSE_CODES = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014,
+                     3000, 4000, 4999]
 ROOMS = ["a", "b", "c", "d.e", "", "bad name", "x" * 129]
 TYPES = ["join", "leave", "ping", "offer", "answer", "ice-candidate", "connected", "error",
          "joined", "left", "peer-joined", "peer-left", "pong", "", "x" * 65]
 KEYS = ["type", "to", "room", "id", "meta", "from", "sdp", "candidate"]
 
 
-# --- frame reader ---------------------------------------------------------------------------
+# --- session --------------------------------------------------------------------------------
 
 
 def client_frame(op: int, payload: bytes, fin: bool, mask: bytes) -> bytes:
@@ -60,26 +72,94 @@ def client_frame(op: int, payload: bytes, fin: bool, mask: bytes) -> bytes:
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
-def feed_chunks(reader: FrameReader, stream: bytes, cuts: list[int]) -> list[tuple[int, bytes]]:
-    """Feed ``stream`` in chunks; check the memory bound after every chunk: the partial
-    message (<= max_size) plus the frame in progress (its header, and at most a 125-byte
-    control payload beyond max_size) plus the chunk just fed."""
-    out: list[tuple[int, bytes]] = []
+def server_close_code(data: bytes) -> int:
+    """The code of the single unmasked close frame ``data`` must be (decoded here)."""
+    assert len(data) >= 4 and data[0] == 0x80 | CLOSE and data[1] == len(data) - 2, data
+    assert data[1] <= 125
+    data[4:].decode()
+    return struct.unpack("!H", data[2:4])[0]
+
+
+class Checked:
+    """A session fed chunk by chunk, every event and every state checked on the way."""
+
+    def __init__(self) -> None:
+        self.session = Session(MAX_SIZE)
+        self.session.ping()  # outstanding until a pong arrives
+        self.events: list[tuple[int, bytes]] = []
+        self.peer_closed = False  # the peer's close event came out
+        self.we_closed = False
+
+    def close(self) -> None:
+        s = self.session
+        was_open = s.state is OPEN
+        frame = s.close(1001, "bye")
+        if not was_open:  # closing or closed already: no (second) close frame
+            assert frame == b"", frame
+        else:
+            assert server_close_code(frame) == 1001
+        self.we_closed = True
+
+    def feed(self, chunk: bytes) -> None:
+        s = self.session
+        was_over = s.close_transport
+        events = s.receive_data(chunk)
+        if was_over:
+            assert events == [], events
+        for op, payload in events:
+            assert not self.peer_closed, "event after the peer's close"
+            assert op in EVENT_OPS, op
+            if op == FRAGMENT:
+                assert payload == b""
+            elif op >= CLOSE:
+                assert len(payload) <= 125, (op, len(payload))
+            else:
+                assert len(payload) <= MAX_SIZE, (op, len(payload))
+            if op == TEXT:
+                payload.decode("utf-8")
+            elif op == PONG:
+                assert not s.ping_pending
+            if self.we_closed:
+                assert op not in (TEXT, BINARY, FRAGMENT), "data delivered after close()"
+            if op == CLOSE:
+                self.peer_closed = True
+                assert len(payload) != 1
+                assert s.peer_close_code is not None
+                assert s.close_transport and s.failure is None
+        self.events += events
+        sent = s.data_to_send()
+        if s.failure is not None and not was_over:
+            assert s.failure.code in (1002, 1007, 1009), s.failure.code
+            assert s.close_transport
+            if self.we_closed:
+                assert sent == b""
+            else:
+                assert server_close_code(sent) == s.failure.code
+        elif self.peer_closed and not was_over and not self.we_closed:
+            code = s.peer_close_code
+            assert server_close_code(sent) == (1000 if code == 1005 else code)
+        else:
+            assert sent == b"", sent
+        # Memory: the partial message (<= max_size) plus the one frame in progress: its
+        # header and, beyond max_size, at most a control frame's 125 bytes. Independent of
+        # how the input is chunked.
+        assert s.buffered() <= MAX_SIZE + MAX_HEADER + 125, s.buffered()
+
+
+def feed_chunks(checked: Checked, stream: bytes, cuts: list[int],
+                close_at: int | None = None) -> list[tuple[int, bytes]]:
+    """Feed ``stream`` in chunks of the sizes in ``cuts`` (the rest in one last chunk);
+    our ``close()`` before chunk number ``close_at``."""
     pos = 0
-    for c in [*cuts, len(stream)]:
+    for k, c in enumerate([*cuts, len(stream)]):
+        if k == close_at:
+            checked.close()
         chunk = stream[pos : pos + c]
         pos += len(chunk)
-        out += reader.feed(chunk)
-        assert reader.buffered() <= reader.max_size + 14 + 125 + len(chunk), reader.buffered()
+        checked.feed(chunk)
         if pos >= len(stream):
             break
-    return out
-
-
-def check_messages(out: list[tuple[int, bytes]]) -> None:
-    for op, payload in out:
-        assert op in VALID_OPS, op
-        assert len(payload) <= (125 if op >= 8 else MAX_SIZE), (op, len(payload))
+    return checked.events
 
 
 def _settings(batch: int, shrink: bool) -> settings:
@@ -88,10 +168,75 @@ def _settings(batch: int, shrink: bool) -> settings:
                     suppress_health_check=list(HealthCheck), phases=phases)
 
 
+def close_bodies() -> st.SearchStrategy[bytes]:
+    return st.just(b"") | st.builds(
+        lambda code, reason: struct.pack("!H", code) + reason.encode()[:123]
+        .decode(errors="ignore").encode(),
+        st.sampled_from(VALID_CLOSE_CODES), st.text(max_size=40))
+
+
+Built = tuple[bytes, list[tuple[int, bytes]], int | None]
+
+
+def valid_streams() -> st.SearchStrategy[Built]:
+    """(stream, expected events, expected failure code) of well-formed client frames. A
+    message may exceed MAX_SIZE: the session then fails with 1009 at the header of the frame
+    that crosses it, and the events expected stop there."""
+    control = st.tuples(st.sampled_from([PING, PONG]), st.binary(max_size=125))
+    over = MAX_SIZE + 64
+    near_max = st.integers(MAX_SIZE - 16, over).flatmap(lambda n: st.binary(min_size=n,
+                                                                             max_size=n))
+    payloads = (st.binary(max_size=over) | st.text(max_size=over // 4).map(str.encode)
+                | near_max)
+    message = st.tuples(
+        st.sampled_from([TEXT, BINARY]),
+        payloads,
+        st.lists(st.integers(0, over), max_size=5),  # fragment boundaries
+        st.lists(st.lists(control, max_size=2), min_size=6, max_size=6),  # between them
+    )
+    close = st.tuples(st.just(CLOSE), close_bodies())
+
+    def build(items: list[Any], mask: bytes) -> Built:
+        stream, expected = b"", []
+        done = False  # the peer's close or an oversized message: nothing more is expected
+        code = None
+        for item in items:
+            if len(item) == 2:  # a lone control frame
+                op, payload = item
+                stream += client_frame(op, payload, True, mask)
+                if not done:
+                    expected.append((op, payload))
+                done = done or op == CLOSE
+                continue
+            op, payload, cuts, between = item
+            if op == TEXT:
+                payload = payload.decode(errors="ignore").encode()
+            bounds = [0, *sorted(c for c in cuts if c <= len(payload)), len(payload)]
+            frags = [payload[a:b] for a, b in itertools.pairwise(bounds)]
+            for i, frag in enumerate(frags):
+                last = i == len(frags) - 1
+                stream += client_frame(op if i == 0 else CONT, frag, last, mask)
+                if not done and bounds[i + 1] > MAX_SIZE:
+                    done, code = True, 1009
+                if not last:
+                    if not done:
+                        expected.append((FRAGMENT, b""))
+                    for cop, cpayload in between[i % 6]:
+                        stream += client_frame(cop, cpayload, True, mask)
+                        if not done:
+                            expected.append((cop, cpayload))
+            if not done:
+                expected.append((op, payload))
+        return stream, expected, code
+
+    return st.builds(build, st.lists(message | control | close, max_size=8),
+                     st.binary(min_size=4, max_size=4))
+
+
 def make_frame_targets(batch: int, shrink: bool = True) -> list[Callable[[], None]]:
     cfg = _settings(batch, shrink)
 
-    # Random bytes, with a bias towards plausible headers so the reader gets past byte 2.
+    # Random bytes, with a bias towards plausible headers so the session gets past byte 2.
     header_byte = st.integers(0, 255)
     plausible = st.builds(
         lambda b0, ln, body: bytes([b0, 0x80 | ln]) + body,
@@ -101,53 +246,49 @@ def make_frame_targets(batch: int, shrink: bool = True) -> list[Callable[[], Non
         st.binary(max_size=140),
     )
     streams = st.lists(st.binary(max_size=200) | plausible, max_size=12).map(b"".join)
+    close_at = st.none() | st.integers(0, 3)
+    # Chunk sizes: mostly small, so frames (and text characters) are split everywhere.
+    cuts = st.lists(st.integers(1, 7) | st.integers(1, 300), max_size=40)
 
     @cfg
-    @given(streams, st.lists(st.integers(1, 64), max_size=30))
-    def frames_random(stream: bytes, cuts: list[int]) -> None:
-        reader = FrameReader(MAX_SIZE)
-        try:
-            out = feed_chunks(reader, stream, cuts)
-        except ProtocolError as exc:
-            assert exc.code in (1002, 1007, 1009), exc.code
-            return
-        check_messages(out)
+    @given(streams, cuts, close_at)
+    def frames_random(stream: bytes, cuts: list[int], close_at: int | None) -> None:
+        feed_chunks(Checked(), stream, cuts, close_at)
 
-    control = st.tuples(st.sampled_from([0x8, 0x9, 0xA]), st.binary(max_size=125))
-    message = st.tuples(
-        st.sampled_from([0x1, 0x2]),
-        st.lists(st.binary(max_size=200), min_size=1, max_size=5),  # fragments
-        st.lists(st.lists(control, max_size=2), min_size=4, max_size=4),  # between them
-    )
+    edit = st.tuples(st.sampled_from(["flip", "insert", "delete"]), st.integers(0, 1 << 16),
+                     st.integers(0, 255))
 
     @cfg
-    @given(st.lists(message | control, max_size=8), st.lists(st.integers(1, 300), max_size=20),
-           st.binary(min_size=4, max_size=4))
-    def frames_valid(items: list[Any], cuts: list[int], mask: bytes) -> None:
-        stream, expected = b"", []
-        for item in items:
-            if isinstance(item[1], bytes):  # a lone control frame
-                op, payload = item
-                stream += client_frame(op, payload, True, mask)
-                expected.append((op, payload))
-                continue
-            op, frags, between = item
-            total = b"".join(frags)
-            if len(total) > MAX_SIZE:
-                continue
-            for i, frag in enumerate(frags):
-                last = i == len(frags) - 1
-                stream += client_frame(op if i == 0 else 0x0, frag, last, mask)
-                if not last:
-                    for cop, cpayload in between[i % 4]:
-                        stream += client_frame(cop, cpayload, True, mask)
-                        expected.append((cop, cpayload))
-            expected.append((op, total))
-        reader = FrameReader(MAX_SIZE)
-        assert feed_chunks(reader, stream, cuts) == expected
-        assert reader.buffered() == 0
+    @given(valid_streams(), st.lists(edit, min_size=1, max_size=4),
+           cuts, close_at)
+    def frames_mutated(built: Built, edits: list[tuple[str, int, int]],
+                       cuts: list[int], close_at: int | None) -> None:
+        data = bytearray(built[0])
+        for kind, where, value in edits:
+            i = where % (len(data) + 1)
+            if kind == "insert":
+                data[i:i] = bytes([value])
+            elif i < len(data):
+                if kind == "flip":
+                    data[i] ^= value or 0x80
+                else:
+                    del data[i]
+        feed_chunks(Checked(), bytes(data), cuts, close_at)
 
-    return [frames_random, frames_valid]
+    @cfg
+    @given(valid_streams(), cuts)
+    def frames_valid(built: Built, cuts: list[int]) -> None:
+        stream, expected, code = built
+        checked = Checked()
+        assert feed_chunks(checked, stream, cuts) == expected
+        s = checked.session
+        if code is None:
+            assert s.failure is None, s.failure
+        else:
+            assert s.failure is not None and s.failure.code == code, s.failure
+        assert s.buffered() == 0
+
+    return [frames_random, frames_mutated, frames_valid]
 
 
 # --- hub -----------------------------------------------------------------------------------

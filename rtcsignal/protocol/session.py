@@ -22,7 +22,8 @@ Events are ``(op, payload)`` tuples, cheap to make on the hot path:
 A protocol error does not raise: the events parsed before the bad frame are returned, then the
 session fails (``failure`` is set, a close frame with its code is queued, ``close_transport``
 is set). Memory: while a message is partial, at most ``max_size`` payload bytes in one
-buffer plus one read chunk, however it is fragmented.
+buffer plus one partial frame (at most one read chunk, or one control frame), however it
+is fragmented.
 """
 
 from __future__ import annotations
@@ -111,8 +112,7 @@ class Session:
         for the peer's close (the caller bounds the wait with its close timeout)."""
         if self.state is not OPEN:
             return b""
-        self.state = CLOSING
-        self._drop_message()
+        self.state = CLOSING  # a message in progress may still complete (and is dropped)
         return encode_close(code, reason)
 
     def buffered(self) -> int:
@@ -244,6 +244,12 @@ class Session:
             raise ProtocolError(CLOSE_INVALID_DATA, "text is not UTF-8") from None
         if final:
             self._utf8 = None
+            return
+        # CPython's decoder holds ED A0..BF (a UTF-16 surrogate, never valid) until a third
+        # byte arrives; refuse it at the piece that carries it.
+        pending = self._utf8.getstate()[0]
+        if len(pending) >= 2 and pending[0] == 0xED and pending[1] >= 0xA0:
+            raise ProtocolError(CLOSE_INVALID_DATA, "text is not UTF-8")
 
     def _check_partial(self, buf: bytes | bytearray, head: int, n: int) -> None:
         """Validate the text bytes of a frame that has not fully arrived yet."""

@@ -22,7 +22,7 @@ import orjson
 from rtcsignal.core import messages
 from rtcsignal.core.messages import ErrorCode, MessageError
 from rtcsignal.core.metrics import Metrics
-from rtcsignal.core.ratelimit import TokenBucket
+from rtcsignal.core.ratelimit import SMALL_MESSAGE, TokenBucket
 
 log = logging.getLogger("rtcsignal")
 
@@ -47,7 +47,6 @@ class Peer:
         "address",
         "allowed_rooms",
         "bucket",
-        "byte_bucket",
         "fixed_meta",
         "id",
         "limited_since",
@@ -61,7 +60,6 @@ class Peer:
         sink: Sink,
         bucket: TokenBucket,
         *,
-        byte_bucket: TokenBucket | None = None,
         peer_id: str | None = None,
         address: str = "",
         user: str | None = None,
@@ -70,8 +68,7 @@ class Peer:
     ) -> None:
         self.id = peer_id or secrets.token_urlsafe(12)  # 96 random bits, URL-safe
         self.sink = sink
-        self.bucket = bucket  # messages (and pings, pongs, fragments) per second
-        self.byte_bucket = byte_bucket  # bytes per second; None = no byte budget
+        self.bucket = bucket  # messages (a MessageBudget also counts bytes) per second
         self.address = address
         self.user = user
         self.allowed_rooms = allowed_rooms
@@ -295,15 +292,12 @@ class Hub:
         """
         now = self.clock()
         bucket = peer.bucket
-        if bucket.take(now):
-            byte_bucket = peer.byte_bucket
-            if byte_bucket is None or byte_bucket.take(now, size):
-                # A flood ends when the client is back under the rate (a spare token
-                # left), not when one message slips through on a refilled token.
-                if peer.limited_since is not None and bucket.tokens >= 1.0:
-                    peer.limited_since = None
-                return True
-            bucket.tokens += 1.0  # refused for its bytes: the message token is not spent
+        if bucket.take(now) if size <= SMALL_MESSAGE else bucket.spend(now, size):
+            # A flood ends when the client is back under the rate (a spare token left), not
+            # when one message slips through on a refilled token.
+            if peer.limited_since is not None and bucket.tokens >= 1.0:
+                peer.limited_since = None
+            return True
         quiet = peer.limited_since is not None  # log the start of a flood, not every refusal
         if peer.limited_since is None:
             peer.limited_since = now

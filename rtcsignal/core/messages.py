@@ -86,7 +86,11 @@ def stamp_from(text: bytes, obj: dict[str, Any], peer_id: str) -> bytes:
     """
     if "from" in obj:
         obj = {k: v for k, v in obj.items() if k != "from"}
-    body = reencode(obj)
+    try:  # one dict and one dumps: cheaper than dumping obj and splicing "from" in
+        body = orjson.dumps({"from": peer_id, **obj})
+    except orjson.JSONEncodeError:
+        reencode(obj)  # raises the MessageError that says why
+        raise
     # orjson writes every float of magnitude >= 1e16 as "<digits>e+<digits>", and an integer
     # out of range became such a float; so no "e+<digit>" in the output (nearly always: a
     # '+' at all is rare outside base64 strings) proves there was none. One memchr for '+',
@@ -94,9 +98,7 @@ def stamp_from(text: bytes, obj: dict[str, Any], peer_id: str) -> bytes:
     plus = body.find(b"+")
     if plus > 0 and _EXPONENT.search(body, plus - 1) is not None:
         check_integers(text, obj.get("id"))
-    if len(body) == 2:  # b"{}": only reachable by calling this without a type
-        return b"".join((b'{"from":', orjson.dumps(peer_id), b"}"))
-    return b"".join((b'{"from":', orjson.dumps(peer_id), b",", body[1:]))
+    return body
 
 
 _EXPONENT = re.compile(rb"e\+[0-9]")

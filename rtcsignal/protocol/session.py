@@ -131,84 +131,81 @@ class Session:
         else:
             buf = data
         out: list[tuple[int, bytes]] = []
-        try:
-            pos = self._parse(buf, out)
+        try:  # the frame loop is inline: one call per read on the hot path
+            pos = 0
+            n = len(buf)
+            max_size = self.max_size
+            while n - pos >= 2:
+                b0 = buf[pos]
+                b1 = buf[pos + 1]
+                if b0 & 0x70:
+                    raise ProtocolError(CLOSE_PROTOCOL_ERROR, "reserved bits set")
+                if not b1 & 0x80:
+                    raise ProtocolError(CLOSE_PROTOCOL_ERROR, "client frame not masked")
+                op = b0 & 0x0F
+                fin = b0 & 0x80
+                length = b1 & 0x7F
+                head = pos + 2
+                if length == 126:
+                    if n - pos < 4:
+                        break
+                    length = int.from_bytes(buf[head : head + 2], "big")
+                    head += 2
+                elif length == 127:
+                    if n - pos < 10:
+                        break
+                    length = int.from_bytes(buf[head : head + 8], "big")
+                    head += 8
+                if op >= 8:
+                    if op > OP_PONG:
+                        raise ProtocolError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {op}")
+                    if not fin or length > 125:
+                        raise ProtocolError(CLOSE_PROTOCOL_ERROR, "invalid control frame")
+                elif op == OP_CONT:
+                    if self._msg is None:
+                        raise ProtocolError(CLOSE_PROTOCOL_ERROR, "continuation without a message")
+                    if len(self._msg) + length > max_size:
+                        raise ProtocolError(CLOSE_TOO_BIG, "message too big")
+                elif op in (OP_TEXT, OP_BINARY):
+                    if self._msg is not None:
+                        raise ProtocolError(CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
+                    if length > max_size:
+                        raise ProtocolError(CLOSE_TOO_BIG, "message too big")
+                else:
+                    raise ProtocolError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {op}")
+                end = head + 4 + length
+                if end > n:
+                    if op == OP_TEXT or (op == OP_CONT and self._msg_op == OP_TEXT):
+                        self._check_partial(buf, head, n)  # fail fast inside a partial frame
+                    break
+                payload = unmask(buf[head + 4 : end], buf[head : head + 4])
+                pos = end
+                if op == OP_TEXT and fin and not self._checked:
+                    if not payload.isascii():  # ASCII is valid UTF-8; skip the decoder
+                        try:
+                            payload.decode()
+                        except UnicodeDecodeError:
+                            raise ProtocolError(CLOSE_INVALID_DATA, "text is not UTF-8") from None
+                    if self.state is OPEN:
+                        out.append((OP_TEXT, payload))
+                elif op >= 8:
+                    self._control(op, payload, out)
+                    if self.state is CLOSED:
+                        pos = n  # nothing after a close frame is read
+                        break
+                else:
+                    self._fragment(op, fin, payload, out)
         except ProtocolError as exc:
             self._fail(exc)
             self._buf = None
             return out
-        if pos >= len(buf):
+        if pos >= n:
             self._buf = None
         elif self._buf is not None:
             del self._buf[:pos]
         else:
             self._buf = bytearray(buf[pos:])
         return out
-
-    def _parse(self, buf: bytes | bytearray, out: list[tuple[int, bytes]]) -> int:
-        pos = 0
-        n = len(buf)
-        max_size = self.max_size
-        while n - pos >= 2:
-            b0 = buf[pos]
-            b1 = buf[pos + 1]
-            if b0 & 0x70:
-                raise ProtocolError(CLOSE_PROTOCOL_ERROR, "reserved bits set")
-            if not b1 & 0x80:
-                raise ProtocolError(CLOSE_PROTOCOL_ERROR, "client frame not masked")
-            op = b0 & 0x0F
-            fin = b0 & 0x80
-            length = b1 & 0x7F
-            head = pos + 2
-            if length == 126:
-                if n - pos < 4:
-                    break
-                length = int.from_bytes(buf[head : head + 2], "big")
-                head += 2
-            elif length == 127:
-                if n - pos < 10:
-                    break
-                length = int.from_bytes(buf[head : head + 8], "big")
-                head += 8
-            if op >= 8:
-                if op > OP_PONG:
-                    raise ProtocolError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {op}")
-                if not fin or length > 125:
-                    raise ProtocolError(CLOSE_PROTOCOL_ERROR, "invalid control frame")
-            elif op == OP_CONT:
-                if self._msg is None:
-                    raise ProtocolError(CLOSE_PROTOCOL_ERROR, "continuation without a message")
-                if len(self._msg) + length > max_size:
-                    raise ProtocolError(CLOSE_TOO_BIG, "message too big")
-            elif op in (OP_TEXT, OP_BINARY):
-                if self._msg is not None:
-                    raise ProtocolError(CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
-                if length > max_size:
-                    raise ProtocolError(CLOSE_TOO_BIG, "message too big")
-            else:
-                raise ProtocolError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {op}")
-            end = head + 4 + length
-            if end > n:
-                if op == OP_TEXT or (op == OP_CONT and self._msg_op == OP_TEXT):
-                    self._check_partial(buf, head, n)  # fail fast inside a partial frame
-                break
-            payload = unmask(buf[head + 4 : end], buf[head : head + 4])
-            pos = end
-            if op == OP_TEXT and fin and not self._checked:
-                if not payload.isascii():  # ASCII is valid UTF-8; skip the decoder
-                    try:
-                        payload.decode()
-                    except UnicodeDecodeError:
-                        raise ProtocolError(CLOSE_INVALID_DATA, "text is not UTF-8") from None
-                if self.state is OPEN:
-                    out.append((OP_TEXT, payload))
-            elif op >= 8:
-                self._control(op, payload, out)
-                if self.state is CLOSED:
-                    return n  # nothing after a close frame is read
-            else:
-                self._fragment(op, fin, payload, out)
-        return pos
 
     def _fragment(self, op: int, fin: int, payload: bytes, out: list[tuple[int, bytes]]) -> None:
         """A data frame other than a complete single-frame text message."""

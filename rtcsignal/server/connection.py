@@ -142,12 +142,12 @@ class Connection(asyncio.Protocol):
             session = self.session
             events = session.receive_data(data)  # type: ignore[union-attr]
             handlers = self.handlers
+            on_text = handlers.text  # type: ignore[union-attr]
             for op, payload in events:
-                if op == frames.OP_TEXT:
-                    if self.refusing:
-                        self.refusing = False
-                    else:
-                        handlers.text(payload)  # type: ignore[union-attr]
+                if op == frames.OP_TEXT and not self.refusing:
+                    on_text(payload)
+                elif op == frames.OP_TEXT:
+                    self.refusing = False
                 elif op == frames.OP_PONG:
                     handlers.admit(len(payload))  # type: ignore[union-attr]
                 elif op == frames.OP_PING:

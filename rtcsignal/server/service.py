@@ -16,7 +16,7 @@ from rtcsignal.core import messages
 from rtcsignal.core.hub import ROOM_NAME, Hooks, Hub, Peer
 from rtcsignal.core.messages import ErrorCode, MessageError
 from rtcsignal.core.metrics import Metrics
-from rtcsignal.core.ratelimit import TokenBucket
+from rtcsignal.core.ratelimit import MessageBudget
 from rtcsignal.protocol import frames
 from rtcsignal.protocol.http import HttpError, Request
 from rtcsignal.security.admission import Admission
@@ -194,8 +194,9 @@ class SignalingService:
         now = hub.clock()
         peer = Peer(
             conn,
-            TokenBucket(cfg.rate_limit, cfg.rate_burst, now),
-            byte_bucket=TokenBucket(cfg.rate_limit_bytes, cfg.rate_burst_bytes, now),
+            MessageBudget(
+                cfg.rate_limit, cfg.rate_burst, cfg.rate_limit_bytes, cfg.rate_burst_bytes, now
+            ),
             address=admitted.client_ip,
             user=admitted.user,
             allowed_rooms=admitted.rooms,

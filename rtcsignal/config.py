@@ -113,6 +113,25 @@ def _networks(v: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ..
 _networks.allowed = "a comma-separated list of CIDR networks, e.g. 127.0.0.1/32,10.0.0.0/8"  # type: ignore[attr-defined]
 
 
+def _broker(v: Any) -> str:
+    s = _text(v).strip()
+    if s not in ("", "memory") and not s.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError
+    return "" if s == "memory" else s
+
+
+_broker.allowed = "memory, or a redis://, rediss:// or unix:// URL"  # type: ignore[attr-defined]
+
+
+def _workers(v: Any) -> int:
+    if isinstance(v, str) and v.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    return _int(1)(v)
+
+
+_workers.allowed = "an integer >= 1, or auto (one per core)"  # type: ignore[attr-defined]
+
+
 def _size(v: Any) -> int:
     """Bytes, with optional KiB/MiB suffix (k, m)."""
     if isinstance(v, bool):
@@ -185,6 +204,11 @@ SETTINGS: tuple[Setting, ...] = (
         _float(0, strict=True),
         "seconds to wait for a peer to answer our close frame before dropping the socket",
     ),
+    Setting(
+        "workers",
+        _workers,
+        "server processes sharing the port (SO_REUSEPORT); more than 1 needs --broker",
+    ),
     Setting("log_level", _choice("debug", "info", "warning", "error"), "log level"),
     Setting(
         "log_format",
@@ -195,6 +219,20 @@ SETTINGS: tuple[Setting, ...] = (
         "certfile", _text, "TLS certificate (PEM) to serve wss:// and https:// directly", "tls"
     ),
     Setting("keyfile", _text, "TLS private key (PEM) for --certfile", "tls"),
+    # cluster
+    Setting(
+        "broker",
+        _broker,
+        "where instances share rooms and presence: memory (one process) or a Redis URL",
+        "cluster",
+    ),
+    Setting("broker_prefix", _text, "prefix of every Redis key and channel", "cluster"),
+    Setting(
+        "presence_ttl",
+        _float(0, strict=True),
+        "seconds after which a silent instance's peers are announced left (reason timeout)",
+        "cluster",
+    ),
     # rooms
     Setting(
         "no_default_room",
@@ -325,6 +363,10 @@ class Config:
     drain_timeout: float = 10.0
     handshake_timeout: float = 10.0
     close_timeout: float = 3.0
+    workers: int = 1
+    broker: str = ""
+    broker_prefix: str = "rtcsignal"
+    presence_ttl: float = 15.0
     log_level: str = "info"
     log_format: str = "auto"
     certfile: str = ""
@@ -378,6 +420,10 @@ class Config:
             raise ConfigError(
                 "rate_burst_bytes: must be at least max_message_size "
                 f"({self.max_message_size}), or the largest messages could never pass"
+            )
+        if self.workers > 1 and not self.broker:
+            raise ConfigError(
+                "workers: more than 1 worker needs --broker redis://... to share rooms"
             )
         if self.turn_urls and not self.turn_secret:
             raise ConfigError("turn_urls: needs --turn-secret")

@@ -94,7 +94,7 @@ class SignalingService:
             ctx.load_cert_chain(cfg.certfile, cfg.keyfile)
         self._server = await self.loop.create_server(
             lambda: Connection(self), cfg.host, cfg.port, ssl=ctx, backlog=4096,
-            reuse_address=True,
+            reuse_address=True, reuse_port=cfg.workers > 1,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         if self.draining:  # shutdown() was requested while we were binding

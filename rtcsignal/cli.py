@@ -98,17 +98,27 @@ def _resolve(args: argparse.Namespace) -> Config:
     return load_config(flags, file=args.config)
 
 
-def _serve(config: Config) -> int:
+def _serve(config: Config, argv: Sequence[str]) -> int:
+    """One server process; with ``--workers`` > 1, a supervisor re-running ``argv`` in
+    each worker (``server.workers``; a worker knows itself by its environment)."""
+    from rtcsignal.server import workers
     from rtcsignal.server.service import SignalingService
 
     logs.configure(config.log_level, config.log_format)
+    index = workers.worker_index()
+    if index is not None:
+        workers.tag_logs(index)
     service = SignalingService(config)  # raises ConfigError for unreadable keys, bad patterns
+    if config.workers > 1 and index is None:
+        return workers.supervise(config, argv)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):  # before start(): no window without them
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(service.shutdown()))
         await service.start()
+        if index is not None and not service.draining:
+            workers.serving(service.shutdown)
         await service.wait_closed()
 
     try:
@@ -130,12 +140,13 @@ def _token(config: Config, args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(join_dash_values(parser, sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(join_dash_values(parser, argv))
     try:
         config = _resolve(args)
         if args.command == "token":
             return _token(config, args)
-        return _serve(config)
+        return _serve(config, argv)
     except ConfigError as exc:
         print(f"rtcsignal: {exc}", file=sys.stderr)
         return 2

@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 
 from rtcsignal import Config, SignalingService
+from tests.cluster import Cluster, Front
+from tests.redis_server import RedisNotInstalled, RedisServer, unique_prefix
 
 
 class ServerProcess:
@@ -130,3 +132,103 @@ async def make_service() -> AsyncIterator[Any]:
     for svc in started:
         if not svc.draining:
             await asyncio.wait_for(svc.shutdown(), 15)
+
+
+# --- Redis and several instances (issue 9) -------------------------------------------------
+#
+# redis_session   one real redis-server per test session (free port, no persistence)
+# redis_server    that server, running again if an earlier test left it killed or frozen
+# broker_prefix   a --broker-prefix no other test uses
+# make_cluster    make_cluster(n=3, *flags) -> Cluster of n instances on redis_server
+# cluster         make_cluster(3); indirect param: an int n, or {"n": n, "flags": [...]}
+# topology        parametrized single|cluster: an object with the `server` fixture's
+#                 interface (url, http, host, port, scheme); run_topology(*flags) is the
+#                 run_server of the same parameter, topology_kind names it
+
+
+@pytest.fixture(scope="session")
+def redis_session() -> Iterator[RedisServer]:
+    try:
+        redis = RedisServer().start()
+    except RedisNotInstalled as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield redis
+    redis.cleanup()
+
+
+@pytest.fixture
+def redis_server(redis_session: RedisServer) -> RedisServer:
+    """The session's redis-server, answering PING: a server an earlier test left killed,
+    stopped or frozen is started again on the same port (keys are gone after a restart)."""
+    if redis_session.running():
+        redis_session.thaw()
+        if redis_session.ping(2.0):
+            return redis_session
+        redis_session.kill()
+    return redis_session.start()
+
+
+@pytest.fixture
+def broker_prefix(request: pytest.FixtureRequest) -> str:
+    """A fresh --broker-prefix (keys and channels) for this test: ``t-<test>-<hex>``."""
+    return unique_prefix(request.node.name)
+
+
+@pytest.fixture
+def make_cluster(redis_server: RedisServer, broker_prefix: str) -> Iterator[Any]:
+    """``make_cluster(n=3, *flags, prefix=None, env=None) -> Cluster``: n ``rtcsignal
+    serve`` instances with ``--broker <redis_server.url> --broker-prefix <prefix>`` and
+    ``flags``. The first cluster of a test uses ``broker_prefix``, later ones a prefix of
+    their own (separate deployments); pass ``prefix=`` to choose (the same prefix makes
+    them one cluster; ``Cluster.add()`` grows one). All are SIGKILLed after the test."""
+    clusters: list[Cluster] = []
+
+    def make(n: int = 3, *flags: str, prefix: str | None = None,
+             env: dict[str, str] | None = None) -> Cluster:
+        if prefix is None:
+            prefix = broker_prefix if not clusters else f"{broker_prefix}-{len(clusters) + 1}"
+        made = Cluster(redis_server, prefix, n, flags, env=env)
+        clusters.append(made)
+        return made
+
+    yield make
+    for made in clusters:
+        with contextlib.suppress(Exception):
+            made.stop(signal.SIGKILL, 5)
+
+
+@pytest.fixture
+def cluster(request: pytest.FixtureRequest, make_cluster: Any) -> Cluster:
+    """Three instances on one Redis. ``@pytest.mark.parametrize("cluster", [2],
+    indirect=True)`` for two, or ``[{"n": 2, "flags": ["--presence-ttl", "2"]}]``."""
+    param = getattr(request, "param", 3)
+    if isinstance(param, int):
+        return make_cluster(param)
+    return make_cluster(param.get("n", 3), *param.get("flags", ()))
+
+
+@pytest.fixture(params=["single", "cluster"])
+def topology_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def run_topology(topology_kind: str, run_server: Any, request: pytest.FixtureRequest) -> Any:
+    """``run_topology(*flags, env=None)``: like ``run_server`` for "single"; for "cluster",
+    three instances with those flags on one Redis, returned as ``Cluster.front`` (one URL
+    whose connections round-robin over the instances; ``.cluster`` is the Cluster)."""
+    if topology_kind == "single":
+        return run_server
+    make_cluster = request.getfixturevalue("make_cluster")
+
+    def start(*flags: str, env: dict[str, str] | None = None) -> Front:
+        return make_cluster(3, *flags, env=env).front
+
+    return start
+
+
+@pytest.fixture
+def topology(run_topology: Any) -> Any:
+    """A server with default settings, once as one instance and once as a 3-instance
+    cluster: a drop-in for the ``server`` fixture."""
+    return run_topology()

@@ -17,7 +17,8 @@ ALLOWED = {
     "core": set(),
     "config": set(),
     "security": {"config", "protocol", "core"},
-    "server": {"config", "protocol", "core", "security", "logs"},
+    "redis": {"config", "protocol", "core"},
+    "server": {"config", "protocol", "core", "security", "logs", "redis"},
 }
 
 

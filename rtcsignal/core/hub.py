@@ -7,6 +7,13 @@ function it was given and hands the same bytes to every recipient.
 Routing costs: a message with ``to`` is one dict lookup plus a check over the sender's
 rooms (at most ``max_rooms_per_peer``), whatever the number of peers or room size; a room
 message visits that room's members only.
+
+Across nodes (``core/broker.py``): each room keeps a mirror of its members on other nodes
+(``Room.remote``), fed by the broker's presence events; a relay reaches the broker only when
+the room has such members (or, for the default room, when the broker is shared), and a
+message ``to`` a peer of another node goes to that node alone. Joins complete through the
+broker, which orders them cluster-wide; messages a peer sends while its join is in flight
+wait in its backlog, so per-sender order holds.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any, Protocol
 import orjson
 
 from rtcsignal.core import messages
+from rtcsignal.core.broker import Broker, Member, MemoryBroker
 from rtcsignal.core.messages import ErrorCode, MessageError
 from rtcsignal.core.metrics import Metrics
 from rtcsignal.core.ratelimit import SMALL_MESSAGE, TokenBucket
@@ -46,9 +54,11 @@ class Peer:
     __slots__ = (
         "address",
         "allowed_rooms",
+        "backlog",
         "bucket",
         "fixed_meta",
         "id",
+        "joining",
         "limited_since",
         "rooms",
         "sink",
@@ -75,21 +85,34 @@ class Peer:
         self.fixed_meta = fixed_meta
         self.rooms: dict[str, Room] = {}
         self.limited_since: float | None = None
+        self.joining: set[str] | None = None  # rooms whose join the broker has not completed
+        self.backlog: list[bytes] | None = None  # messages held until those joins complete
 
     def __repr__(self) -> str:
         return f"<Peer {self.id}>"
 
 
 class Room:
-    """Members in join order. ``presence`` is off for the default room (O(1) connects)."""
+    """Local members in join order; ``remote`` mirrors the members on other nodes.
+    ``presence`` is off for the default room (O(1) connects).
 
-    __slots__ = ("members", "meta", "name", "presence")
+    ``version`` is the last presence event applied; each local member's ``since`` is the
+    version it joined at, so it is told only of events after its own snapshot. While the
+    first local join is in flight, events wait in ``loading`` for the snapshot."""
+
+    __slots__ = ("loading", "members", "meta", "name", "presence", "remote", "seq", "since",
+                 "version")
 
     def __init__(self, name: str, presence: bool = True) -> None:
         self.name = name
         self.presence = presence
         self.members: dict[str, Peer] = {}
         self.meta: dict[str, dict[str, Any]] = {}
+        self.seq: dict[str, int] = {}
+        self.since: dict[str, int] = {}
+        self.remote: dict[str, Member] = {}
+        self.version = 0
+        self.loading: list[tuple[int, Member | None, str, str]] | None = None
 
 
 class Hooks:
@@ -124,8 +147,11 @@ class Hub:
         max_peers_per_room: int = 0,
         max_meta_size: int = 1024,
         hooks: Hooks | None = None,
+        broker: Broker | None = None,
     ) -> None:
         self.frame = frame
+        self.broker: Broker = broker or MemoryBroker()
+        self.shared = self.broker.shared
         self.clock = clock
         self.metrics = metrics or Metrics()
         self.max_rooms_per_peer = max_rooms_per_peer
@@ -138,6 +164,14 @@ class Hub:
         self.lobby: Room | None = Room("", presence=False) if default_room else None
 
     # --- membership -------------------------------------------------------------------
+
+    def new_peer_id(self) -> str:
+        """96 random bits, URL-safe; behind a shared broker prefixed with the node's id."""
+        return self.broker.node + secrets.token_urlsafe(12)
+
+    def clients_count(self) -> int:
+        """Connected clients on every node (the greeting's ``clientsCount``)."""
+        return self.broker.clients(len(self.peers))
 
     def add(self, peer: Peer) -> None:
         """Register a connected peer; it starts in the default room (if there is one)."""
@@ -171,16 +205,57 @@ class Hub:
         meta = self._check_meta(peer, meta, ref)
         if not room_allowed(peer.allowed_rooms, name):
             raise MessageError(ErrorCode.FORBIDDEN, f"not allowed to join {name}", ref)
+        if peer.joining is not None and name in peer.joining:
+            raise MessageError(ErrorCode.ALREADY_IN_ROOM, f"already joining room {name}", ref)
         room = self.rooms.get(name)
-        if room is not None and 0 < self.max_peers_per_room <= len(room.members):
+        if room is not None and 0 < self.max_peers_per_room <= len(room.members) + len(
+            room.remote
+        ):
             raise MessageError(ErrorCode.ROOM_FULL, f"room {name} is full", ref)
         if self.hooks.on_join is not None and self.hooks.on_join(peer, name, meta) is False:
             raise MessageError(ErrorCode.FORBIDDEN, f"not allowed to join {name}", ref)
         if room is None:
             room = self.rooms[name] = Room(name)
-        snapshot = [
-            {"peerId": pid, "meta": room.meta[pid], "polite": True} for pid in room.members
-        ]
+            if self.shared:
+                room.loading = []  # the snapshot decides the mirror; events wait for it
+        if self.shared:
+            if peer.joining is None:
+                peer.joining = set()
+            peer.joining.add(name)
+
+        def done(remote: list[Member], seq: int, version: int) -> None:
+            self._join_done(peer, room, meta, ref, remote, seq, version)
+
+        def failed(code: str, message: str) -> None:
+            self._join_failed(peer, room, MessageError(code, message, ref))
+
+        self.broker.join(name, peer.id, meta, done, failed)
+
+    def _join_done(self, peer: Peer, room: Room, meta: dict[str, Any], ref: Any,
+                   remote: list[Member], seq: int, version: int) -> None:
+        name = room.name
+        self._unblock(peer, name)
+        if self.peers.get(peer.id) is not peer:  # gone while the join was in flight
+            self.broker.leave(name, peer.id, "closed")
+            self._drop_if_empty(room)
+            return
+        node = self.broker.node
+        others = [m for m in remote if m.node != node]
+        if room.loading is not None:  # first local member: the snapshot starts the mirror
+            room.remote = {m.peer_id: m for m in others}
+            room.version = version
+            pending, room.loading = room.loading, None
+            for v, member, peer_id, reason in pending:
+                self._apply(room, v, member, peer_id, reason)
+        if room.remote or others:
+            entries = [(m.seq, m.peer_id, m.meta) for m in others]
+            entries += [(room.seq[pid], pid, room.meta[pid]) for pid in room.members]
+            entries.sort(key=lambda e: e[0])
+            snapshot = [{"peerId": pid, "meta": m, "polite": True} for _, pid, m in entries]
+        else:
+            snapshot = [
+                {"peerId": pid, "meta": room.meta[pid], "polite": True} for pid in room.members
+            ]
         joined = {"type": "joined", "room": name, "peers": snapshot}
         peer.sink.send(self.frame(messages.reply(joined, ref)))
         if room.members:
@@ -191,9 +266,37 @@ class Hub:
             )
         room.members[peer.id] = peer
         room.meta[peer.id] = meta
+        room.seq[peer.id] = seq
+        room.since[peer.id] = version
         peer.rooms[name] = room
         if self.lobby is not None:
             self.lobby.members.pop(peer.id, None)
+        self._replay(peer)
+
+    def _join_failed(self, peer: Peer, room: Room, exc: MessageError) -> None:
+        self._unblock(peer, room.name)
+        self._drop_if_empty(room)
+        if self.peers.get(peer.id) is peer:
+            self.send_error(peer, exc)
+            self._replay(peer)
+
+    def _unblock(self, peer: Peer, name: str) -> None:
+        if peer.joining is not None:
+            peer.joining.discard(name)
+            if not peer.joining:
+                peer.joining = None
+
+    def _replay(self, peer: Peer) -> None:
+        """Handle the messages held while joins were in flight, in order."""
+        while peer.joining is None and peer.backlog:
+            text = peer.backlog.pop(0)
+            self._handle(peer, text)
+        if not peer.backlog:
+            peer.backlog = None
+
+    def _drop_if_empty(self, room: Room) -> None:
+        if not room.members and self.rooms.get(room.name) is room:
+            del self.rooms[room.name]
 
     def leave(self, peer: Peer, name: Any, ref: Any = None) -> None:
         room = peer.rooms.get(name) if type(name) is str else None
@@ -205,13 +308,16 @@ class Hub:
     def _leave(self, peer: Peer, room: Room, reason: str) -> None:
         del room.members[peer.id]
         del room.meta[peer.id]
+        del room.seq[peer.id]
+        del room.since[peer.id]
         del peer.rooms[room.name]
+        self.broker.leave(room.name, peer.id, reason)
         if room.members:
             self._send_many(
                 room.members.values(),
                 {"type": "peer-left", "room": room.name, "peerId": peer.id, "reason": reason},
             )
-        else:
+        elif room.loading is None:  # (a first join still in flight keeps it)
             del self.rooms[room.name]
         if not peer.rooms and self.lobby is not None and peer.id in self.peers:
             self.lobby.members[peer.id] = peer
@@ -240,6 +346,14 @@ class Hub:
                 "peer": peer.id, "addr": peer.address, "bytes": len(text)}})
         if not self.admit_rate(peer, len(text), text):
             return
+        if peer.joining is not None:  # a join is in flight: keep order, handle after it
+            if peer.backlog is None:
+                peer.backlog = []
+            peer.backlog.append(text)
+            return
+        self._handle(peer, text)
+
+    def _handle(self, peer: Peer, text: bytes) -> None:
         try:
             obj = messages.parse(text)
             kind: str = obj["type"]
@@ -252,7 +366,7 @@ class Hub:
                     ErrorCode.RESERVED_TYPE, f"type {kind!r} is reserved for the server",
                     obj.get("id"),
                 )
-            targets = self.route(peer, obj)
+            room, target = self.route(peer, obj)
             if self.hooks.on_message is not None:
                 rewritten = self.hooks.on_message(peer, obj)
                 if rewritten is None:
@@ -264,12 +378,22 @@ class Hub:
         except MessageError as exc:
             self.send_error(peer, exc)
             return
-        frame = self.frame(data)
-        n = 0
-        for target in targets:
-            if target is not peer:
-                target.sink.send(frame)
-                n += 1
+        if target is None:  # a room: local members here, the other nodes' through the broker
+            frame = self.frame(data)
+            n = 0
+            for member in room.members.values():  # type: ignore[union-attr]
+                if member is not peer:
+                    member.sink.send(frame)
+                    n += 1
+            if room.remote or (self.shared and room is self.lobby):  # type: ignore[union-attr]
+                self.broker.publish_room(room.name, data, peer.id, obj.get("id"))  # type: ignore[union-attr]
+        elif type(target) is str:  # a peer of another node
+            self.broker.publish_peer(self._node_of(target, room), target, data, peer.id,
+                                     list(peer.rooms), obj.get("id"))
+            n = 1
+        else:
+            target.sink.send(self.frame(data))  # type: ignore[union-attr]
+            n = 1
         self.metrics.count_relayed(kind, n)
         if self.debug:
             log.debug("relayed", extra={"fields": {
@@ -321,8 +445,10 @@ class Hub:
         else:
             self.leave(peer, obj.get("room"), ref)
 
-    def route(self, sender: Peer, obj: dict[str, Any]) -> Iterable[Peer]:
-        """The peers a relayed message goes to (the caller skips the sender)."""
+    def route(self, sender: Peer, obj: dict[str, Any]) -> tuple[Room | None, Peer | str | None]:
+        """Where a relayed message goes: ``(room, None)`` for a room's members (the caller
+        skips the sender), ``(room_or_None, peer)`` for one local peer, or
+        ``(room_or_None, peer_id)`` for a peer of another node."""
         room_name = obj.get("room")
         to = obj.get("to")
         ref = obj.get("id")
@@ -345,13 +471,36 @@ class Hub:
         else:
             room = None
         if to is None:
-            return room.members.values()  # type: ignore[union-attr]
+            return room, None
         if type(to) is not str:
             raise MessageError(ErrorCode.INVALID_MESSAGE, "to must be a peer id string", ref)
         target = self.peers.get(to)
-        if target is None or target is sender or not self._share_room(sender, target, room):
+        if target is None:
+            if self.shared and self._may_be_remote(sender, to, room):
+                return room, to
             raise MessageError(ErrorCode.UNKNOWN_PEER, "no such peer in your rooms", ref)
-        return (target,)
+        if target is sender or not self._share_room(sender, target, room):
+            raise MessageError(ErrorCode.UNKNOWN_PEER, "no such peer in your rooms", ref)
+        return room, target
+
+    def _may_be_remote(self, sender: Peer, to: str, room: Room | None) -> bool:
+        """Whether ``to`` may be a peer of another node that shares a room with ``sender``:
+        known from a room's mirror, or (default room: no presence) from its id's node
+        prefix, and then checked by that node."""
+        if room is not None:
+            return to in room.remote
+        if sender.rooms:
+            return any(to in r.remote for r in sender.rooms.values())
+        node = self.broker.node
+        return (self.lobby is not None and len(to) > len(node) and not to.startswith(node))
+
+    def _node_of(self, to: str, room: Room | None) -> str:
+        rooms = (room,) if room is not None else tuple(self.rooms.values())
+        for r in rooms:
+            member = r.remote.get(to)
+            if member is not None:
+                return member.node
+        return to[: len(self.broker.node)]
 
     def _share_room(self, a: Peer, b: Peer, room: Room | None) -> bool:
         if room is not None:
@@ -359,6 +508,82 @@ class Hub:
         if not a.rooms:
             return self.lobby is not None and not b.rooms and a.id in self.lobby.members
         return any(name in b.rooms for name in a.rooms)
+
+    # --- what the broker brings from other nodes -----------------------------------------
+
+    def remote_relay(self, room_name: str, data: bytes) -> int:
+        """A message relayed on another node to a room with members here."""
+        room = self.lobby if room_name == "" else self.rooms.get(room_name)
+        if room is None or not room.members:
+            return 0
+        frame = self.frame(data)
+        for member in room.members.values():
+            member.sink.send(frame)
+        return len(room.members)
+
+    def remote_direct(self, target: str, data: bytes, sender: str, rooms: list[str],
+                      ref: Any, origin: str) -> bool:
+        """A message ``to`` a peer of this node from a peer of ``origin``; refused (the
+        sender gets ``unknown-peer``) unless they share a room."""
+        peer = self.peers.get(target)
+        if peer is not None and (
+            any(name in peer.rooms for name in rooms)
+            or (not rooms and not peer.rooms and self.lobby is not None)
+        ):
+            peer.sink.send(self.frame(data))
+            return True
+        self.broker.publish_error(origin, sender, messages.error(
+            ErrorCode.UNKNOWN_PEER, "no such peer in your rooms", ref))
+        return False
+
+    def remote_error(self, peer_id: str, data: bytes) -> None:
+        """An error for a local peer, decided on another node (or by the broker)."""
+        peer = self.peers.get(peer_id)
+        if peer is not None:
+            obj = orjson.loads(data)
+            self.metrics.count_error(obj.get("code", ""))
+            peer.sink.send(self.frame(data))
+
+    def remote_presence(self, room_name: str, version: int, member: Member | None,
+                        peer_id: str, reason: str = "") -> None:
+        """A join (``member``) or leave (``peer_id``, ``reason``) on another node."""
+        room = self.rooms.get(room_name)
+        if room is None:
+            return
+        if room.loading is not None:
+            room.loading.append((version, member, peer_id, reason))
+            return
+        self._apply(room, version, member, peer_id, reason)
+
+    def _apply(self, room: Room, version: int, member: Member | None, peer_id: str,
+               reason: str) -> None:
+        if version <= room.version:
+            return  # already in the snapshot this mirror started from
+        room.version = version
+        if member is not None:
+            if member.node == self.broker.node or member.peer_id in room.remote:
+                return
+            room.remote[member.peer_id] = member
+            event = {"type": "peer-joined", "room": room.name, "peerId": member.peer_id,
+                     "meta": member.meta, "polite": False}
+        else:
+            if room.remote.pop(peer_id, None) is None:
+                return
+            event = {"type": "peer-left", "room": room.name, "peerId": peer_id,
+                     "reason": reason}
+        since = room.since
+        self._send_many((p for pid, p in room.members.items() if since[pid] < version), event)
+
+    def remote_node_lost(self, node: str) -> list[tuple[str, str]]:
+        """Forget the members of a node that died; returns the (room, peer) pairs dropped
+        (the broker has already announced them with reason ``timeout``)."""
+        dropped = []
+        for room in self.rooms.values():
+            for pid, m in list(room.remote.items()):
+                if m.node == node:
+                    del room.remote[pid]
+                    dropped.append((room.name, pid))
+        return dropped
 
     # --- sending ----------------------------------------------------------------------
 
@@ -395,10 +620,14 @@ class Hub:
         return self._send_many(self.peers.values(), message)
 
     def room_peers(self, name: str) -> list[dict[str, Any]]:
+        """A named room's members on this node and (mirrored) on others, in join order."""
         room = self.rooms.get(name)
         if room is None:
             return []
-        return [{"peerId": pid, "meta": room.meta[pid]} for pid in room.members]
+        entries = [(room.seq[pid], pid, room.meta[pid]) for pid in room.members]
+        entries += [(m.seq, m.peer_id, m.meta) for m in room.remote.values()]
+        entries.sort(key=lambda e: e[0])
+        return [{"peerId": pid, "meta": meta} for _, pid, meta in entries]
 
 
 def _ref_of(text: bytes | None) -> Any:

@@ -44,6 +44,7 @@ class ErrorCode:
     FORBIDDEN = "forbidden"
     RATE_LIMITED = "rate-limited"
     DROPPED = "dropped"
+    BROKER_UNAVAILABLE = "broker-unavailable"
 
 
 class MessageError(Exception):

@@ -30,7 +30,7 @@ def handle(
     config: Config,
     metrics: Metrics,
     admission: Admission,
-    draining: bool,
+    unready: str | None,
     now: float,
 ) -> Answer:
     """Answer one HTTP request; HttpError propagates to the caller's error response."""
@@ -40,8 +40,10 @@ def handle(
     if path == "/healthz":
         return 200, b'{"status":"ok"}', JSON, {}
     if path == "/readyz":
-        if draining:
+        if unready == "draining":
             return 503, b'{"status":"draining"}', JSON, {}
+        if unready is not None:
+            return 503, orjson.dumps({"status": "unready", "reason": unready}), JSON, {}
         return 200, b'{"status":"ready"}', JSON, {}
     if path == "/metrics":
         return 200, metrics.render().encode(), "text/plain; version=0.0.4", {}

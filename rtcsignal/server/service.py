@@ -50,7 +50,13 @@ class SignalingService:
         self.config = config = config or Config()
         self.metrics = Metrics(config.metrics_max_types)
         self.hooks = Hooks()
+        self.broker: Any = None
+        if config.broker:
+            from rtcsignal.redis.broker import RedisBroker  # redis-py only when used
+
+            self.broker = RedisBroker(config.broker, config.broker_prefix, config.presence_ttl)
         self.hub = Hub(
+            broker=self.broker,
             frame=text_frame,
             clock=time.monotonic,
             metrics=self.metrics,
@@ -60,6 +66,8 @@ class SignalingService:
             max_meta_size=config.max_meta_size,
             hooks=self.hooks,
         )
+        if self.broker is not None:
+            self.broker.attach(self.hub)
         self.admission = Admission(config)
         self.on_connect: Callable[[Peer, Request], tuple[int, str] | None] | None = None
         self.connections: set[Connection] = set()  # open WebSocket sessions in the hub
@@ -88,6 +96,8 @@ class SignalingService:
         self.hub.debug = log.isEnabledFor(logging.DEBUG)
         self._closed = asyncio.Event()  # from here on shutdown() may be called (signals)
         cfg = self.config
+        if self.broker is not None:
+            await self.broker.start()
         ctx = None
         if cfg.certfile:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -129,6 +139,8 @@ class SignalingService:
         if self._server is not None:
             self._server.close()
         self._flush()
+        if self.broker is not None:
+            await self.broker.stop()
         log.info("stopped")
         self._closed.set()
 
@@ -174,8 +186,17 @@ class SignalingService:
         self._unhold(conn)
         return endpoints.handle(
             request, conn.address, config=self.config, metrics=self.metrics,
-            admission=self.admission, draining=self.draining, now=self.loop.time(),
+            admission=self.admission, unready=self.unready(), now=self.loop.time(),
         )
+
+    def unready(self) -> str | None:
+        """Why ``/readyz`` says 503, or None: draining, or the broker cannot reach the
+        other instances (its probe, subscriptions or connection failed)."""
+        if self.draining:
+            return "draining"
+        if self.broker is not None and not self.broker.ready:
+            return f"broker: {self.broker.problem}"
+        return None
 
     def upgrade(self, conn: Connection, request: Request) -> Handlers:
         """Admission, then the session: Peer, greeting, ``?room=`` join."""
@@ -197,6 +218,7 @@ class SignalingService:
             MessageBudget(
                 cfg.rate_limit, cfg.rate_burst, cfg.rate_limit_bytes, cfg.rate_burst_bytes, now
             ),
+            peer_id=hub.new_peer_id(),
             address=admitted.client_ip,
             user=admitted.user,
             allowed_rooms=admitted.rooms,
@@ -223,7 +245,7 @@ class SignalingService:
         greeting: dict[str, Any] = {
             "type": "connected",
             "message": "Connected to signaling server",
-            "clientsCount": len(hub.peers),
+            "clientsCount": hub.clients_count(),
             "peerId": peer.id,
         }
         if cfg.turn_urls or cfg.stun_urls:
@@ -288,8 +310,8 @@ class SignalingService:
     # --- the server-side API ------------------------------------------------------------
 
     def clients_count(self) -> int:
-        """Connected WebSocket clients (the greeting's ``clientsCount``)."""
-        return len(self.hub.peers)
+        """Connected WebSocket clients on every node (the greeting's ``clientsCount``)."""
+        return self.hub.clients_count()
 
     def broadcast_to_all(self, message: dict[str, Any]) -> int:
         """Send ``message`` to every connected client; returns how many."""

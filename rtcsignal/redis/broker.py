@@ -1,0 +1,478 @@
+"""RedisBroker: rooms, direct messages and presence across instances through one Redis.
+
+Channels (``P`` = ``--broker-prefix``): ``P:r:<room>`` carries a room's relays and presence
+events and is subscribed by the instances with members in it; ``P:l`` the default room's
+relays; ``P:n:<node>`` messages for one instance (``to`` a peer there, errors, its own
+readiness probe). Keys: ``P:p:<room>`` a hash of the room's members (peer -> node, join
+order, meta); ``P:v`` the counter that orders joins and leaves; ``P:nr:<node>`` the rooms
+where a node has members; ``P:node:<node>`` the node's lease (``--presence-ttl``);
+``P:nodes`` the known nodes; ``P:c`` each node's client count.
+
+Every write goes through one ordered queue, sent as a pipeline per loop turn, so what one
+sender does reaches Redis, and every subscriber, in order. Joins and leaves are Lua scripts:
+the member is added or removed, the join order assigned and the event published in one
+atomic step, so two instances joining the same room at once agree on who is ``polite``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from rtcsignal.core import messages
+from rtcsignal.core.broker import JoinDone, JoinFailed, Member
+from rtcsignal.core.hub import Hub
+from rtcsignal.core.messages import ErrorCode
+
+log = logging.getLogger("rtcsignal")
+
+#: Seconds between readiness probes on the node's own channel; a probe not back within
+#: PROBE_TIMEOUT marks the node unready and rebuilds the subscriptions.
+PROBE_INTERVAL = 1.0
+PROBE_TIMEOUT = 3.0
+#: Reconnect backoff: doubles from RETRY_MIN to RETRY_MAX, with +-50% jitter.
+RETRY_MIN = 0.1
+RETRY_MAX = 2.0
+#: Seconds between refreshes of the cluster client count (the greeting's clientsCount).
+COUNT_INTERVAL = 1.0
+
+JOIN = """
+local v = redis.call('INCR', KEYS[2])
+local entry = '{"n":"' .. ARGV[3] .. '","s":' .. v .. ',"m":' .. ARGV[2] .. '}'
+redis.call('HSET', KEYS[1], ARGV[1], entry)
+redis.call('SADD', KEYS[3], ARGV[4])
+local all = redis.call('HGETALL', KEYS[1])
+redis.call('PUBLISH', ARGV[5], '{"k":"J","o":"' .. ARGV[3] .. '","r":"' .. ARGV[4] ..
+  '","p":"' .. ARGV[1] .. '","v":' .. v .. ',"e":' .. entry .. '}\\n')
+return {v, all}
+"""
+
+LEAVE = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+local v = redis.call('INCR', KEYS[2])
+redis.call('PUBLISH', ARGV[4], '{"k":"L","o":"' .. ARGV[5] .. '","r":"' .. ARGV[3] ..
+  '","p":"' .. ARGV[1] .. '","v":' .. v .. ',"why":"' .. ARGV[2] .. '"}\\n')
+if ARGV[6] == '1' then redis.call('SREM', KEYS[3], ARGV[3]) end
+return v
+"""
+
+#: Claim a dead node's cleanup: atomic, so when several nodes notice at once exactly one
+#: announces each lost peer; a node whose lease is back is left alone.
+REAP = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local prefix = ARGV[2]
+local rooms = redis.call('SMEMBERS', KEYS[2])
+local n = 0
+for _, room in ipairs(rooms) do
+  local key = prefix .. ':p:' .. room
+  local all = redis.call('HGETALL', key)
+  for i = 1, #all, 2 do
+    local e = cjson.decode(all[i + 1])
+    if e['n'] == ARGV[1] then
+      redis.call('HDEL', key, all[i])
+      local v = redis.call('INCR', KEYS[3])
+      redis.call('PUBLISH', prefix .. ':r:' .. room, '{"k":"L","o":"' .. ARGV[1] ..
+        '","r":"' .. room .. '","p":"' .. all[i] .. '","v":' .. v .. ',"why":"timeout"}\\n')
+      n = n + 1
+    end
+  end
+end
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[4], ARGV[1])
+redis.call('HDEL', KEYS[5], ARGV[1])
+return n
+"""
+
+Done = Callable[[Any], None]
+
+
+class RedisBroker:
+    """The Broker of an instance in a Redis deployment (see the module docstring)."""
+
+    shared = True
+
+    def __init__(self, url: str, prefix: str = "rtcsignal", presence_ttl: float = 15.0) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.presence_ttl = presence_ttl
+        self.node = secrets.token_urlsafe(6)  # 8 URL-safe characters
+        self.hub: Hub = None  # type: ignore[assignment]
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.redis: aioredis.Redis = None  # type: ignore[assignment]
+        self.pubsub: Any = None
+        self.ready = False
+        self.problem = "not started"
+        self.stats = {"publishes": 0, "received": 0, "publish_errors": 0, "reconnects": 0,
+                      "reaped": 0}
+        self.probe_rtt = 0.0
+        self._ops: list[tuple[tuple[Any, ...], Done | None]] = []
+        self._wake: asyncio.Event | None = None
+        self._channels: set[bytes] = set()
+        self._confirmed: dict[bytes, asyncio.Future[None]] = {}
+        self._local: dict[str, int] = {}  # rooms -> local members (joins done or in flight)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._probe_sent = 0.0
+        self._probe_seen = 0.0
+        self._others = 0  # clients on the other nodes, from the last count refresh
+        self._stopping = False
+        self._join_sha = self._leave_sha = self._reap_sha = ""
+
+    # --- names --------------------------------------------------------------------------
+
+    def _room_channel(self, room: str) -> bytes:
+        return f"{self.prefix}:r:{room}".encode() if room else f"{self.prefix}:l".encode()
+
+    def _node_channel(self, node: str) -> bytes:
+        return f"{self.prefix}:n:{node}".encode()
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def attach(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def start(self) -> None:
+        """Connect and subscribe; the server serves local traffic even while Redis is
+        unreachable (``ready`` stays False and ``/readyz`` says why)."""
+        self.loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self.redis = aioredis.from_url(
+            self.url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=5
+        )
+        self._channels = {self._node_channel(self.node)}
+        if self.hub.lobby is not None:
+            self._channels.add(self._room_channel(""))
+        self._tasks = [
+            asyncio.ensure_future(self._writer()),
+            asyncio.ensure_future(self._reader()),
+            asyncio.ensure_future(self._housekeeping()),
+        ]
+
+    async def stop(self) -> None:
+        """Leave cleanly: the lease and counts go, so no other node reaps us later."""
+        self._stopping = True
+        with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(self._flush_now(), 2)  # the drained peers' leaves
+            p = self.prefix
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.delete(f"{p}:node:{self.node}", f"{p}:nr:{self.node}")
+            pipe.srem(f"{p}:nodes", self.node)
+            pipe.hdel(f"{p}:c", self.node)
+            await asyncio.wait_for(pipe.execute(), 2)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        with contextlib.suppress(Exception):
+            if self.pubsub is not None:
+                await self.pubsub.aclose()
+            await self.redis.aclose()
+
+    # --- the Broker interface (synchronous; work is queued) ------------------------------
+
+    def publish_room(self, room: str, data: bytes, sender: str, ref: Any) -> None:
+        header = orjson.dumps({"k": "R", "o": self.node, "r": room})
+        expected = 2 if room else 1  # ourselves (subscribed too) and at least one other
+
+        def check(result: Any) -> None:
+            if isinstance(result, Exception) or (room and int(result) < expected):
+                self._refuse(sender, ref, result)
+
+        self._queue(("PUBLISH", self._room_channel(room), header + b"\n" + data), check)
+
+    def publish_peer(
+        self, node: str, target: str, data: bytes, sender: str, rooms: list[str], ref: Any
+    ) -> None:
+        header = orjson.dumps({"k": "D", "o": self.node, "t": target, "f": sender,
+                               "rooms": rooms, "ref": ref})
+
+        def check(result: Any) -> None:
+            if isinstance(result, Exception) or int(result) < 1:
+                self._refuse(sender, ref, result)
+
+        self._queue(("PUBLISH", self._node_channel(node), header + b"\n" + data), check)
+
+    def publish_error(self, node: str, peer: str, data: bytes) -> None:
+        header = orjson.dumps({"k": "E", "o": self.node, "t": peer})
+        self._queue(("PUBLISH", self._node_channel(node), header + b"\n" + data), None)
+
+    def join(
+        self, room: str, peer: str, meta: dict[str, Any], done: JoinDone, failed: JoinFailed
+    ) -> None:
+        self._local[room] = self._local.get(room, 0) + 1
+        channel = self._room_channel(room)
+        p = self.prefix
+        args = ("EVAL", JOIN, 3, f"{p}:p:{room}", f"{p}:v", f"{p}:nr:{self.node}", peer,
+                orjson.dumps(meta), self.node, room, channel)
+
+        def finish(result: Any) -> None:
+            if isinstance(result, Exception):
+                failed(ErrorCode.BROKER_UNAVAILABLE, "the cluster is unreachable; try again")
+                return
+            version, flat = int(result[0]), result[1]
+            members = []
+            for i in range(0, len(flat), 2):
+                pid = flat[i].decode()
+                if pid == peer:
+                    continue
+                e = orjson.loads(flat[i + 1])
+                members.append(Member(pid, e["m"], e["n"], int(e["s"])))
+            done(members, version, version)
+
+        self._queue(args, finish, subscribe=channel)
+
+    def leave(self, room: str, peer: str, reason: str) -> None:
+        left = self._local.get(room, 1) - 1
+        if left > 0:
+            self._local[room] = left
+        else:
+            self._local.pop(room, None)
+        p = self.prefix
+        channel = self._room_channel(room)
+        self._queue(("EVAL", LEAVE, 3, f"{p}:p:{room}", f"{p}:v", f"{p}:nr:{self.node}", peer,
+                     reason, room, channel, self.node, "1" if left <= 0 else "0"), None,
+                    unsubscribe=channel if left <= 0 else None)
+
+    def clients(self, local: int) -> int:
+        return local + self._others
+
+    # --- internals: the ordered write queue -----------------------------------------------
+
+    def _queue(self, args: tuple[Any, ...], done: Done | None, subscribe: bytes | None = None,
+               unsubscribe: bytes | None = None) -> None:
+        if subscribe is not None and subscribe not in self._channels:
+            self._channels.add(subscribe)
+            self._ops.append((("SUBSCRIBE", subscribe), None))
+        self._ops.append((args, done))
+        if unsubscribe is not None and unsubscribe in self._channels:
+            self._channels.discard(unsubscribe)
+            self._ops.append((("UNSUBSCRIBE", unsubscribe), None))
+        if self._wake is not None:
+            self._wake.set()
+
+    def _refuse(self, sender: str, ref: Any, result: Any) -> None:
+        self.stats["publish_errors"] += 1
+        self.hub.remote_error(sender, messages.error(
+            ErrorCode.BROKER_UNAVAILABLE, "the message could not reach another instance", ref))
+        if isinstance(result, Exception):
+            self._unready(f"publish failed: {result}")
+
+    async def _writer(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._flush_now()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never let the writer die
+                log.warning("broker writer error", extra={"fields": {"error": repr(exc)}})
+
+    async def _flush_now(self) -> None:
+        """Send the queued operations in order: subscription changes take effect (and are
+        confirmed) before the commands queued after them run."""
+        while self._ops:
+            ops, self._ops = self._ops, []
+            batch: list[tuple[tuple[Any, ...], Done | None]] = []
+            for args, done in ops:
+                if args[0] in ("SUBSCRIBE", "UNSUBSCRIBE"):
+                    await self._run(batch)
+                    batch = []
+                    await self._subscription(args[0], args[1])
+                else:
+                    batch.append((args, done))
+            await self._run(batch)
+
+    async def _run(self, batch: list[tuple[tuple[Any, ...], Done | None]]) -> None:
+        if not batch:
+            return
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for args, _ in batch:
+                pipe.execute_command(*args)
+            results = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            results = [exc] * len(batch)
+            self._unready(f"Redis unreachable: {exc}")
+        self.stats["publishes"] += len(batch)
+        for (_, done), result in zip(batch, results, strict=True):
+            if done is not None:
+                done(result)
+
+    async def _subscription(self, command: str, channel: bytes) -> None:
+        if self.pubsub is None:
+            return  # the reader subscribes to self._channels when it connects
+        try:
+            if command == "SUBSCRIBE":
+                fut = self.loop.create_future()
+                self._confirmed[channel] = fut
+                await self.pubsub.subscribe(channel)
+                await asyncio.wait_for(fut, 2)
+            else:
+                await self.pubsub.unsubscribe(channel)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._unready(f"subscription failed: {exc}")
+        finally:
+            self._confirmed.pop(channel, None)
+
+    # --- internals: the subscriber --------------------------------------------------------
+
+    async def _reader(self) -> None:
+        delay = RETRY_MIN
+        while not self._stopping:
+            try:
+                await self._connect_pubsub()
+                delay = RETRY_MIN
+                while True:
+                    msg = await self.pubsub.get_message(timeout=1.0)
+                    if msg is not None:
+                        self._dispatch(msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._unready(f"subscriber lost: {exc}")
+                self.stats["reconnects"] += 1
+                with contextlib.suppress(Exception):
+                    await self.pubsub.aclose()
+                self.pubsub = None
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, RETRY_MAX)
+
+    async def _connect_pubsub(self) -> None:
+        """A fresh subscriber connection with every channel this node needs, then presence
+        registered again (Redis may have restarted empty)."""
+        pubsub = self.redis.pubsub()
+        channels = sorted(self._channels)
+        waits = {}
+        for ch in channels:
+            waits[ch] = self._confirmed[ch] = self.loop.create_future()
+        await pubsub.subscribe(*channels)
+        self.pubsub = pubsub
+        deadline = time.monotonic() + 5
+        while not all(f.done() for f in waits.values()):
+            if time.monotonic() > deadline:
+                raise TimeoutError("subscriptions not confirmed")
+            msg = await pubsub.get_message(timeout=0.5)
+            if msg is not None:
+                self._dispatch(msg)
+        for ch in waits:
+            self._confirmed.pop(ch, None)
+        await self._register()
+        self._probe_seen = time.monotonic()
+
+    async def _register(self) -> None:
+        """The lease, and this node's members in every room it has (idempotent)."""
+        p = self.prefix
+        hub = self.hub
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(f"{p}:node:{self.node}", b"1", px=int(self.presence_ttl * 1000))
+        pipe.sadd(f"{p}:nodes", self.node)
+        pipe.hset(f"{p}:c", self.node, len(hub.peers))
+        for room in hub.rooms.values():
+            for pid in room.members:
+                entry = b'{"n":"%s","s":%d,"m":%s}' % (
+                    self.node.encode(), room.seq[pid], orjson.dumps(room.meta[pid]))
+                pipe.hsetnx(f"{p}:p:{room.name}", pid, entry)
+                pipe.sadd(f"{p}:nr:{self.node}", room.name)
+        await pipe.execute()
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        if kind in ("subscribe", "ssubscribe"):
+            fut = self._confirmed.get(msg["channel"])
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            return
+        if kind != "message":
+            return
+        self.stats["received"] += 1
+        raw: bytes = msg["data"]
+        nl = raw.find(b"\n")
+        head = orjson.loads(raw[:nl])
+        data = raw[nl + 1:]
+        k = head["k"]
+        hub = self.hub
+        if k == "R":
+            if head["o"] != self.node:
+                hub.remote_relay(head["r"], data)
+        elif k == "D":
+            hub.remote_direct(head["t"], data, head["f"], head["rooms"], head["ref"], head["o"])
+        elif k == "E":
+            hub.remote_error(head["t"], data)
+        elif k == "J":
+            e = head["e"]
+            hub.remote_presence(head["r"], int(head["v"]),
+                                Member(head["p"], e["m"], e["n"], int(e["s"])), head["p"])
+        elif k == "L":
+            hub.remote_presence(head["r"], int(head["v"]), None, head["p"], head["why"])
+        elif k == "P":
+            now = time.monotonic()
+            self._probe_seen = now
+            self.probe_rtt = now - float(head["t"])
+            if not self.ready:
+                self.ready = True
+                self.problem = ""
+                log.info("broker ready", extra={"fields": {"node": self.node}})
+
+    # --- internals: lease, reaping, counts, probe -----------------------------------------
+
+    async def _housekeeping(self) -> None:
+        p = self.prefix
+        last_lease = 0.0
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL)
+            now = time.monotonic()
+            try:
+                if self.pubsub is not None:
+                    if self._probe_sent > self._probe_seen and now - self._probe_sent > PROBE_TIMEOUT:
+                        self._unready("readiness probe did not come back")
+                        self._probe_sent = 0.0
+                        with contextlib.suppress(Exception):
+                            await self.pubsub.aclose()  # the reader reconnects
+                    elif self._probe_sent <= self._probe_seen:
+                        self._probe_sent = now
+                        await self.redis.publish(self._node_channel(self.node),
+                                                 orjson.dumps({"k": "P", "t": now}) + b"\n")
+                if now - last_lease >= self.presence_ttl / 3:
+                    last_lease = now
+                    await self.redis.set(f"{p}:node:{self.node}", b"1",
+                                         px=int(self.presence_ttl * 1000))
+                    await self.redis.sadd(f"{p}:nodes", self.node)
+                    await self._reap()
+                await self.redis.hset(f"{p}:c", self.node, len(self.hub.peers))
+                counts = await self.redis.hgetall(f"{p}:c")
+                self._others = sum(int(v) for k, v in counts.items() if k.decode() != self.node)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                self._unready(f"Redis unreachable: {exc}")
+
+    async def _reap(self) -> None:
+        """Announce the peers of nodes whose lease expired (each exactly once)."""
+        p = self.prefix
+        for raw in await self.redis.smembers(f"{p}:nodes"):
+            node = raw.decode()
+            if node == self.node:
+                continue
+            n = await self.redis.eval(REAP, 5, f"{p}:node:{node}", f"{p}:nr:{node}", f"{p}:v",
+                                      f"{p}:nodes", f"{p}:c", node, p)
+            if n:
+                self.stats["reaped"] += int(n)
+                log.info("node lost", extra={"fields": {"node": node, "peers": int(n)}})
+
+    def _unready(self, why: str) -> None:
+        if self.ready or self.problem != why:
+            log.warning("broker unready", extra={"fields": {"reason": why}})
+        self.ready = False
+        self.problem = why

@@ -574,16 +574,24 @@ class Hub:
         since = room.since
         self._send_many((p for pid, p in room.members.items() if since[pid] < version), event)
 
-    def remote_node_lost(self, node: str) -> list[tuple[str, str]]:
-        """Forget the members of a node that died; returns the (room, peer) pairs dropped
-        (the broker has already announced them with reason ``timeout``)."""
-        dropped = []
-        for room in self.rooms.values():
-            for pid, m in list(room.remote.items()):
-                if m.node == node:
-                    del room.remote[pid]
-                    dropped.append((room.name, pid))
-        return dropped
+    def repair_room(self, room_name: str, present: dict[str, Member],
+                    grace: set[str] | frozenset[str] = frozenset()) -> None:
+        """Make a room's mirror match the cluster's presence (``present``: its members on
+        other nodes; members in ``grace`` are kept one more round), telling local members
+        what their events missed."""
+        room = self.rooms.get(room_name)
+        if room is None or room.loading is not None:
+            return
+        for pid in [p for p in room.remote if p not in present and p not in grace]:
+            del room.remote[pid]
+            self._send_many(room.members.values(), {
+                "type": "peer-left", "room": room_name, "peerId": pid, "reason": "timeout"})
+        for pid, member in present.items():
+            if pid not in room.remote:
+                room.remote[pid] = member
+                self._send_many(room.members.values(), {
+                    "type": "peer-joined", "room": room_name, "peerId": pid,
+                    "meta": member.meta, "polite": False})
 
     # --- sending ----------------------------------------------------------------------
 

@@ -125,6 +125,9 @@ class RedisBroker:
         self._probe_seen = 0.0
         self._others = 0  # clients on the other nodes, from the last count refresh
         self._stopping = False
+        self._epoch = b""  # Redis's P:epoch as last seen; a new one means Redis restarted
+        self._retry: list[tuple[Any, ...]] = []  # leaves that failed: run again on reconnect
+        self._absent: dict[str, set[str]] = {}  # mirror members missing at the last repair
         self._join_sha = self._leave_sha = self._reap_sha = ""
 
     # --- names --------------------------------------------------------------------------
@@ -305,6 +308,8 @@ class RedisBroker:
         except (RedisError, OSError) as exc:
             results = [exc] * len(batch)
             self._unready(f"Redis unreachable: {exc}")
+            # A leave must reach Redis eventually, or the peer stays a ghost elsewhere.
+            self._retry += [args for args, _ in batch if args[:2] == ("EVAL", LEAVE)]
         self.stats["publishes"] += len(batch)
         for (_, done), result in zip(batch, results, strict=True):
             if done is not None:
@@ -372,9 +377,24 @@ class RedisBroker:
         self._probe_seen = time.monotonic()
 
     async def _register(self) -> None:
-        """The lease, and this node's members in every room it has (idempotent)."""
+        """The lease, and this node's members in every room it has (idempotent); leaves
+        that failed while Redis was away; and, if Redis restarted empty (a new epoch), every
+        mirror starts over from version 0 and is repaired from the presence hashes."""
         p = self.prefix
         hub = self.hub
+        await self.redis.set(f"{p}:epoch", secrets.token_hex(8), nx=True)
+        epoch = await self.redis.get(f"{p}:epoch")
+        if self._epoch and epoch != self._epoch:
+            log.warning("broker: Redis restarted; presence re-registered",
+                        extra={"fields": {"node": self.node}})
+            for room in hub.rooms.values():
+                room.version = 0
+                for pid in room.since:
+                    room.since[pid] = 0
+        self._epoch = epoch or b""
+        retry, self._retry = self._retry, []
+        for args in retry:
+            self._ops.insert(0, (args, None))
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(f"{p}:node:{self.node}", b"1", px=int(self.presence_ttl * 1000))
         pipe.sadd(f"{p}:nodes", self.node)
@@ -386,6 +406,36 @@ class RedisBroker:
                 pipe.hsetnx(f"{p}:p:{room.name}", pid, entry)
                 pipe.sadd(f"{p}:nr:{self.node}", room.name)
         await pipe.execute()
+        if self._wake is not None:
+            self._wake.set()
+        await self._repair()
+
+    async def _repair(self) -> None:
+        """Anti-entropy: make each room's mirror match the presence hash, announcing what
+        events missed (a subscriber that was down, a Redis restart). Idempotent with the
+        events themselves: an event that arrives after its repair changes nothing."""
+        p = self.prefix
+        hub = self.hub
+        rooms = [r for r in hub.rooms.values() if r.members and r.loading is None]
+        if not rooms:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for room in rooms:
+            pipe.hgetall(f"{p}:p:{room.name}")
+        snapshots = await pipe.execute()
+        absent: dict[str, set[str]] = {}
+        for room, flat in zip(rooms, snapshots, strict=True):
+            present: dict[str, Member] = {}
+            for k, raw in flat.items():
+                e = orjson.loads(raw)
+                if e["n"] != self.node:
+                    present[k.decode()] = Member(k.decode(), e["m"], e["n"], int(e["s"]))
+            missing = {pid for pid in room.remote if pid not in present}
+            # Gone at two repairs in a row: not a node still re-registering after a restart.
+            hub.repair_room(room.name, present, missing - self._absent.get(room.name, set()))
+            if missing:
+                absent[room.name] = missing
+        self._absent = absent
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
         kind = msg.get("type")
@@ -450,6 +500,8 @@ class RedisBroker:
                                          px=int(self.presence_ttl * 1000))
                     await self.redis.sadd(f"{p}:nodes", self.node)
                     await self._reap()
+                    if self.pubsub is not None:
+                        await self._repair()
                 await self.redis.hset(f"{p}:c", self.node, len(self.hub.peers))
                 counts = await self.redis.hgetall(f"{p}:c")
                 self._others = sum(int(v) for k, v in counts.items() if k.decode() != self.node)

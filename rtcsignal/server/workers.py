@@ -172,7 +172,8 @@ class Supervisor:
             if w.proc is not None and w.proc.returncode is None:
                 log.warning("worker killed", extra={"fields": {
                     "worker": w.index, "pid": w.proc.pid, "reason": "drain overran"}})
-                w.proc.kill()
+                with contextlib.suppress(ProcessLookupError):  # exited meanwhile
+                    w.proc.kill()
         codes = await asyncio.gather(*slots)
         if failed is not None:  # a worker could not start: its status is ours
             code = failed.result()
@@ -190,7 +191,8 @@ class Supervisor:
         log.info("shutting down", extra={"fields": {"workers": len(self.workers)}})
         for w in self.workers:
             if w.proc is not None and w.proc.returncode is None:
-                w.proc.send_signal(signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):  # exited, not yet reaped
+                    w.proc.send_signal(signal.SIGTERM)
 
     async def _keep(self, w: _Worker) -> int:
         """Run one worker slot until stopping. Returns 0 after a clean exit (or nothing to
@@ -222,17 +224,23 @@ class Supervisor:
 
     async def _run_once(self, w: _Worker) -> int:
         """Start the worker's process, forward its log lines, wait for it to exit."""
-        w.ready = False
-        proc = await asyncio.create_subprocess_exec(
-            *self.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env={**os.environ, WORKER_ENV: str(w.index)},
-            limit=LINE_LIMIT,
-            start_new_session=True,  # a terminal's Ctrl-C reaches us; we tell the workers
-        )
+        w.ready, w.proc = False, None
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env={**os.environ, WORKER_ENV: str(w.index)},
+                limit=LINE_LIMIT,
+                start_new_session=True,  # a terminal's Ctrl-C reaches us; we tell the workers
+            )
+        except OSError as exc:  # out of processes or memory: counts as a failed worker
+            log.error("cannot start worker", extra={"fields": {"worker": w.index,
+                                                               "reason": str(exc)}})
+            return 1
         w.proc = proc
         log.info("worker started", extra={"fields": {"worker": w.index, "pid": proc.pid}})
         if self.stopping.is_set():
-            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
         assert proc.stdout is not None and proc.stderr is not None
         await asyncio.gather(self._watch_ready(w, proc.stdout), _forward(proc.stderr))
         return await proc.wait()

@@ -39,6 +39,7 @@ class Metrics:
         self.bytes_out = 0
         self.heartbeat_timeouts = 0
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.counters: dict[str, tuple[str, Callable[[], float]]] = {}
 
     def count_received(self, kind: str) -> None:
         table = self.received
@@ -71,6 +72,10 @@ class Metrics:
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         self.gauges[name] = (help_text, read)
 
+    def counter(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        """A counter kept elsewhere (the broker's), read at scrape time."""
+        self.counters[name] = (help_text, read)
+
     def render(self) -> str:
         out: list[str] = []
 
@@ -86,6 +91,8 @@ class Metrics:
 
         for name, (help_text, read) in sorted(self.gauges.items()):
             metric(name, "gauge", help_text, [("", read())])
+        for name, (help_text, read) in sorted(self.counters.items()):
+            metric(name, "counter", help_text, [("", read())])
         metric("rtcsignal_connections_total", "counter", "WebSocket connections accepted",
                [("", self.connections_total)])
         metric("rtcsignal_disconnects_total", "counter", "Closed connections by reason",

@@ -115,6 +115,8 @@ class RedisBroker:
         self.stats = {"publishes": 0, "received": 0, "publish_errors": 0, "reconnects": 0,
                       "reaped": 0}
         self.probe_rtt = 0.0
+        self.lease_held = False
+        self.subscribed: set[bytes] = set()  # channels Redis confirmed
         self._ops: list[tuple[tuple[Any, ...], Done | None]] = []
         self._wake: asyncio.Event | None = None
         self._channels: set[bytes] = set()
@@ -185,10 +187,13 @@ class RedisBroker:
 
     def publish_room(self, room: str, data: bytes, sender: str, ref: Any) -> None:
         header = orjson.dumps({"k": "R", "o": self.node, "r": room})
-        expected = 2 if room else 1  # ourselves (subscribed too) and at least one other
+        # Every instance with members in the room, ourselves included, must receive it; the
+        # default room has no presence, so there nothing is expected.
+        mirror = self.hub.rooms.get(room) if room else None
+        expected = 1 + len({m.node for m in mirror.remote.values()}) if mirror else 0
 
         def check(result: Any) -> None:
-            if isinstance(result, Exception) or (room and int(result) < expected):
+            if isinstance(result, Exception) or int(result) < expected:
                 self._refuse(sender, ref, result)
 
         self._queue(("PUBLISH", self._room_channel(room), header + b"\n" + data), check)
@@ -358,6 +363,7 @@ class RedisBroker:
         """A fresh subscriber connection with every channel this node needs, then presence
         registered again (Redis may have restarted empty)."""
         pubsub = self.redis.pubsub()
+        self.subscribed = set()
         channels = sorted(self._channels)
         waits = {}
         for ch in channels:
@@ -439,7 +445,11 @@ class RedisBroker:
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
         kind = msg.get("type")
+        if kind == "unsubscribe":
+            self.subscribed.discard(msg["channel"])
+            return
         if kind in ("subscribe", "ssubscribe"):
+            self.subscribed.add(msg["channel"])
             fut = self._confirmed.get(msg["channel"])
             if fut is not None and not fut.done():
                 fut.set_result(None)
@@ -498,6 +508,7 @@ class RedisBroker:
                     last_lease = now
                     await self.redis.set(f"{p}:node:{self.node}", b"1",
                                          px=int(self.presence_ttl * 1000))
+                    self.lease_held = True
                     await self.redis.sadd(f"{p}:nodes", self.node)
                     await self._reap()
                     if self.pubsub is not None:
@@ -524,6 +535,8 @@ class RedisBroker:
                 log.info("node lost", extra={"fields": {"node": node, "peers": int(n)}})
 
     def _unready(self, why: str) -> None:
+        if "unreachable" in why or "failed" in why:
+            self.lease_held = False
         if self.ready or self.problem != why:
             log.warning("broker unready", extra={"fields": {"reason": why}})
         self.ready = False

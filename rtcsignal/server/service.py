@@ -87,6 +87,8 @@ class SignalingService:
                            lambda: len(self.hub.peers))
         self.metrics.gauge("rtcsignal_rooms_open", "Named rooms with members",
                            lambda: len(self.hub.rooms))
+        if self.broker is not None:
+            self._broker_metrics(self.broker)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -152,6 +154,26 @@ class SignalingService:
         """A socket closed; during drain, wake shutdown once no WebSocket is left."""
         if self._all_gone is not None and self.sessions == 0:
             self._all_gone.set()
+
+    def _broker_metrics(self, broker: Any) -> None:
+        m = self.metrics
+        m.gauge("rtcsignal_broker_ready", "1 when the broker's probe comes back in time",
+                lambda: 1 if broker.ready else 0)
+        m.gauge("rtcsignal_broker_probe_rtt_seconds", "Round trip of the last readiness probe",
+                lambda: broker.probe_rtt)
+        m.gauge("rtcsignal_broker_subscriptions", "Channels this instance subscribes to",
+                lambda: len(broker.subscribed))
+        m.gauge("rtcsignal_broker_lease_held", "1 while this instance's lease is renewed",
+                lambda: 1 if broker.lease_held else 0)
+        for key, help_text in (
+            ("publishes", "Commands sent to Redis (publishes, joins, leaves)"),
+            ("received", "Publications received from Redis"),
+            ("publish_errors", "Messages refused with broker-unavailable"),
+            ("reconnects", "Times the subscriber connection was rebuilt"),
+            ("reaped", "Peers of lost instances announced left"),
+        ):
+            m.counter(f"rtcsignal_broker_{key}_total", help_text,
+                      lambda key=key: broker.stats[key])
 
     # --- the Connection owner -----------------------------------------------------------
 

@@ -4,6 +4,8 @@
   port (parsed from its JSON "listening" log line) and stops it after the test.
 - ``service`` / ``make_service`` run a SignalingService in the test's own event loop, for
   the server-side Python API.
+- ``redis_server``, ``make_cluster`` / ``cluster`` and ``topology`` (single | cluster): a real
+  redis-server per session and several instances sharing it (see the section at the end).
 """
 
 from __future__ import annotations
@@ -160,12 +162,7 @@ def redis_session() -> Iterator[RedisServer]:
 def redis_server(redis_session: RedisServer) -> RedisServer:
     """The session's redis-server, answering PING: a server an earlier test left killed,
     stopped or frozen is started again on the same port (keys are gone after a restart)."""
-    if redis_session.running():
-        redis_session.thaw()
-        if redis_session.ping(2.0):
-            return redis_session
-        redis_session.kill()
-    return redis_session.start()
+    return redis_session.ensure_running()
 
 
 @pytest.fixture
@@ -213,18 +210,31 @@ def topology_kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def run_topology(topology_kind: str, run_server: Any, request: pytest.FixtureRequest) -> Any:
-    """``run_topology(*flags, env=None)``: like ``run_server`` for "single"; for "cluster",
-    three instances with those flags on one Redis, returned as ``Cluster.front`` (one URL
-    whose connections round-robin over the instances; ``.cluster`` is the Cluster)."""
-    if topology_kind == "single":
-        return run_server
-    make_cluster = request.getfixturevalue("make_cluster")
+def run_topology(topology_kind: str, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """``run_topology(*flags, env=None)``: for "single", one ``ServerProcess`` as
+    ``run_server`` gives; for "cluster", three instances with those flags on one Redis,
+    returned as ``Cluster.front`` (one URL whose connections round-robin over the
+    instances; ``.cluster`` is the Cluster). Needs no other server fixture, so a test
+    module may rebind ``server``/``run_server`` to ``topology``/``run_topology``."""
+    if topology_kind == "cluster":
+        make_cluster = request.getfixturevalue("make_cluster")
 
-    def start(*flags: str, env: dict[str, str] | None = None) -> Front:
-        return make_cluster(3, *flags, env=env).front
+        def start_cluster(*flags: str, env: dict[str, str] | None = None) -> Front:
+            return make_cluster(3, *flags, env=env).front
 
-    return start
+        yield start_cluster
+        return
+    servers: list[ServerProcess] = []
+
+    def start(*flags: str, env: dict[str, str] | None = None) -> ServerProcess:
+        server = ServerProcess(*flags, env=env)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        with contextlib.suppress(Exception):
+            server.stop(signal.SIGKILL if server.proc.poll() is None else signal.SIGTERM, 5)
 
 
 @pytest.fixture

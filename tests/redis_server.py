@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -46,6 +47,20 @@ class RedisNotInstalled(RuntimeError):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on, chosen below the kernel's ephemeral range: the server
+    restarts on the same port, and a port in that range could meanwhile be the source
+    port of some outgoing connection, which would make the restart fail to bind."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(50):
+        port = random.randrange(10000, max(low, 10001))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -120,7 +135,7 @@ class RedisServer:
                     raise _PortTaken
                 raise AssertionError(f"redis-server exited with {self.proc.returncode}; "
                                      f"log:\n{tail}")
-            if self.ping():
+            if self._answers_as(self.proc.pid):
                 return
             if time.monotonic() > deadline:
                 self.kill()
@@ -166,6 +181,16 @@ class RedisServer:
         self._spawn(timeout)
         return self
 
+    def ensure_running(self, timeout: float = 10.0) -> RedisServer:
+        """Answering PING afterwards: a frozen server is thawed; a dead or hung one is
+        (killed and) started again on the same port."""
+        if self.running():
+            self.thaw()
+            if self.ping(2.0):
+                return self
+            self.kill()
+        return self.start(timeout)
+
     def freeze(self) -> None:
         """SIGSTOP: connections stay open but nothing is answered (a hung server)."""
         assert self.proc is not None and self.proc.poll() is None, "redis-server not running"
@@ -202,6 +227,15 @@ class RedisServer:
         try:
             with self.admin(timeout) as r:
                 return bool(r.ping())
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            return False
+
+    def _answers_as(self, pid: int) -> bool:
+        """The server on our port answers, and it is process ``pid`` (not some other
+        redis-server that took the port first)."""
+        try:
+            with self.admin(0.5) as r:
+                return int(r.info("server")["process_id"]) == pid
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             return False
 

@@ -8,6 +8,7 @@ reachable. Every wait is for a log line, a frame or a process exit.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
@@ -91,6 +92,23 @@ def test_port_taken_exits_1_before_any_worker_starts():
     assert out.stderr.splitlines()[-1].startswith("rtcsignal: cannot start:"), out.stderr
 
 
+def test_a_worker_that_cannot_start_stops_the_supervisor_with_its_status(tmp_path):
+    missing = str(tmp_path / "missing.pem")  # read by each worker as it binds, not before
+    out = subprocess.run(
+        [sys.executable, "-m", "rtcsignal", "serve", "--workers", "2", "--broker", BROKER,
+         "--port", "0", "--log-format", "json", "--certfile", missing, "--keyfile", missing],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "rtcsignal: cannot start:" in out.stderr
+    lines = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
+    # The supervisor's own lines: its "worker ..." events, and those with no worker field.
+    events = [e["event"] for e in lines if e["event"].startswith("worker") or "worker" not in e]
+    assert "worker failed to start" in events and "listening" not in events, events
+    assert events.count("worker started") == 2, events  # not restarted
+    assert lines[-1]["event"] == "stopped" and lines[-1]["status"] == 1
+
+
 async def test_two_workers_share_the_port_restart_and_drain(run_server):
     server, pids = await start_workers(run_server)
     for _ in range(4):
@@ -139,14 +157,16 @@ async def test_two_workers_share_the_port_restart_and_drain(run_server):
 async def test_restart_backoff_doubles_and_second_sigint_keeps_draining(run_server):
     server, pids = await start_workers(run_server)
     pid = pids[1]
+    seen = {pid}
     for delay in (0.5, 1.0):
         psutil.Process(pid).kill()
         exited = await log_line(server, lambda e, p=pid: e.get("event") == "worker exited"
                                 and e.get("pid") == p)
         assert exited["restart_in_s"] == delay
-        started = await log_line(server, lambda e, p=pid: e.get("event") == "worker started"
-                                 and e.get("worker") == 1 and e.get("pid") != p)
+        started = await log_line(server, lambda e: e.get("event") == "worker started"
+                                 and e.get("worker") == 1 and e.get("pid") not in seen)
         pid = started["pid"]
+        seen.add(pid)
         await log_line(server, lambda e, p=pid: e.get("event") == "listening"
                        and e.get("pid") == p)
 

@@ -219,9 +219,7 @@ class Hub:
             if self.shared:
                 room.loading = []  # the snapshot decides the mirror; events wait for it
         if self.shared:
-            if peer.joining is None:
-                peer.joining = set()
-            peer.joining.add(name)
+            self.hold(peer, name)
 
         def done(remote: list[Member], seq: int, version: int) -> None:
             self._join_done(peer, room, meta, ref, remote, seq, version)
@@ -234,7 +232,7 @@ class Hub:
     def _join_done(self, peer: Peer, room: Room, meta: dict[str, Any], ref: Any,
                    remote: list[Member], seq: int, version: int) -> None:
         name = room.name
-        self._unblock(peer, name)
+        self.unblock(peer, name)
         if self.peers.get(peer.id) is not peer:  # gone while the join was in flight
             self.broker.leave(name, peer.id, "closed")
             self._drop_if_empty(room)
@@ -271,22 +269,29 @@ class Hub:
         peer.rooms[name] = room
         if self.lobby is not None:
             self.lobby.members.pop(peer.id, None)
-        self._replay(peer)
+        self.replay(peer)
 
     def _join_failed(self, peer: Peer, room: Room, exc: MessageError) -> None:
-        self._unblock(peer, room.name)
+        self.unblock(peer, room.name)
         self._drop_if_empty(room)
         if self.peers.get(peer.id) is peer:
             self.send_error(peer, exc)
-            self._replay(peer)
+            self.replay(peer)
 
-    def _unblock(self, peer: Peer, name: str) -> None:
+    def hold(self, peer: Peer, key: str) -> None:
+        """Hold ``peer``'s messages in its backlog until ``unblock(peer, key)`` and
+        ``replay(peer)`` (a join in flight; the greeting of a shared broker)."""
+        if peer.joining is None:
+            peer.joining = set()
+        peer.joining.add(key)
+
+    def unblock(self, peer: Peer, name: str) -> None:
         if peer.joining is not None:
             peer.joining.discard(name)
             if not peer.joining:
                 peer.joining = None
 
-    def _replay(self, peer: Peer) -> None:
+    def replay(self, peer: Peer) -> None:
         """Handle the messages held while joins were in flight, in order."""
         while peer.joining is None and peer.backlog:
             text = peer.backlog.pop(0)

@@ -45,8 +45,15 @@ RETRY_MIN = 0.1
 RETRY_MAX = 2.0
 #: Seconds between refreshes of the cluster client count (the greeting's clientsCount).
 COUNT_INTERVAL = 1.0
+#: Seconds ``start`` waits for Redis before the server listens anyway, unready.
+STARTUP_WAIT = 3.0
 
 JOIN = """
+local max = tonumber(ARGV[6])
+if max > 0 and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0
+   and redis.call('HLEN', KEYS[1]) >= max then
+  return {-1, {}}
+end
 local v = redis.call('INCR', KEYS[2])
 local entry = '{"n":"' .. ARGV[3] .. '","s":' .. v .. ',"m":' .. ARGV[2] .. '}'
 redis.call('HSET', KEYS[1], ARGV[1], entry)
@@ -93,6 +100,14 @@ redis.call('HDEL', KEYS[5], ARGV[1])
 return n
 """
 
+#: Count a client in (or out) and return the total over every node.
+COUNT = """
+redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+local t = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do t = t + tonumber(v) end
+return t
+"""
+
 Done = Callable[[Any], None]
 
 
@@ -101,8 +116,10 @@ class RedisBroker:
 
     shared = True
 
-    def __init__(self, url: str, prefix: str = "rtcsignal", presence_ttl: float = 15.0) -> None:
+    def __init__(self, url: str, prefix: str = "rtcsignal", presence_ttl: float = 15.0,
+                 max_peers_per_room: int = 0) -> None:
         self.url = url
+        self.max_peers_per_room = max_peers_per_room
         self.prefix = prefix
         self.presence_ttl = presence_ttl
         self.node = secrets.token_urlsafe(6)  # 8 URL-safe characters
@@ -127,9 +144,11 @@ class RedisBroker:
         self._probe_seen = 0.0
         self._others = 0  # clients on the other nodes, from the last count refresh
         self._stopping = False
+        self._connected: asyncio.Event | None = None
         self._epoch = b""  # Redis's P:epoch as last seen; a new one means Redis restarted
         self._retry: list[tuple[Any, ...]] = []  # leaves that failed: run again on reconnect
-        self._absent: dict[str, set[str]] = {}  # mirror members missing at the last repair
+        self._absent: dict[tuple[str, str], float] = {}  # (room, peer) -> missing since
+        self._repairing: asyncio.Future[None] | None = None  # mirror members missing at the last repair
         self._join_sha = self._leave_sha = self._reap_sha = ""
 
     # --- names --------------------------------------------------------------------------
@@ -151,16 +170,22 @@ class RedisBroker:
         self.loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self.redis = aioredis.from_url(
-            self.url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=5
+            self.url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=5,
+            client_name=f"rtcsignal:{self.prefix}:{self.node}",  # CLIENT LIST tells us apart
         )
         self._channels = {self._node_channel(self.node)}
         if self.hub.lobby is not None:
             self._channels.add(self._room_channel(""))
+        self._connected = asyncio.Event()
         self._tasks = [
             asyncio.ensure_future(self._writer()),
             asyncio.ensure_future(self._reader()),
             asyncio.ensure_future(self._housekeeping()),
         ]
+        # Listen only once subscribed, so the first clients' joins and relays are heard;
+        # if Redis is down, start anyway (unready) and serve local traffic.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), STARTUP_WAIT)
 
     async def stop(self) -> None:
         """Leave cleanly: the lease and counts go, so no other node reaps us later."""
@@ -221,11 +246,16 @@ class RedisBroker:
         channel = self._room_channel(room)
         p = self.prefix
         args = ("EVAL", JOIN, 3, f"{p}:p:{room}", f"{p}:v", f"{p}:nr:{self.node}", peer,
-                orjson.dumps(meta), self.node, room, channel)
+                orjson.dumps(meta), self.node, room, channel, self.max_peers_per_room)
 
         def finish(result: Any) -> None:
-            if isinstance(result, Exception):
-                failed(ErrorCode.BROKER_UNAVAILABLE, "the cluster is unreachable; try again")
+            if isinstance(result, Exception) or int(result[0]) < 0:
+                if self.leave_local(room) <= 0 and channel in self._channels:
+                    self._queue(("PING",), None, unsubscribe=channel)
+                if isinstance(result, Exception):
+                    failed(ErrorCode.BROKER_UNAVAILABLE, "the cluster is unreachable; try again")
+                else:
+                    failed(ErrorCode.ROOM_FULL, f"room {room} is full")
                 return
             version, flat = int(result[0]), result[1]
             members = []
@@ -239,12 +269,17 @@ class RedisBroker:
 
         self._queue(args, finish, subscribe=channel)
 
-    def leave(self, room: str, peer: str, reason: str) -> None:
+    def leave_local(self, room: str) -> int:
+        """One local member fewer in ``room``; returns how many are left."""
         left = self._local.get(room, 1) - 1
         if left > 0:
             self._local[room] = left
         else:
             self._local.pop(room, None)
+        return left
+
+    def leave(self, room: str, peer: str, reason: str) -> None:
+        left = self.leave_local(room)
         p = self.prefix
         channel = self._room_channel(room)
         self._queue(("EVAL", LEAVE, 3, f"{p}:p:{room}", f"{p}:v", f"{p}:nr:{self.node}", peer,
@@ -253,6 +288,19 @@ class RedisBroker:
 
     def clients(self, local: int) -> int:
         return local + self._others
+
+    def connected(self, done: Callable[[int], None]) -> None:
+        """Count a new client cluster-wide; ``done(total)`` gets the exact count with it
+        (the greeting's clientsCount), or the cached estimate if Redis is unreachable."""
+        local = len(self.hub.peers)
+
+        def finish(result: Any) -> None:
+            done(local + self._others if isinstance(result, Exception) else int(result))
+
+        self._queue(("EVAL", COUNT, 1, f"{self.prefix}:c", self.node, 1), finish)
+
+    def disconnected(self) -> None:
+        self._queue(("HINCRBY", f"{self.prefix}:c", self.node, -1), None)
 
     # --- internals: the ordered write queue -----------------------------------------------
 
@@ -381,6 +429,12 @@ class RedisBroker:
             self._confirmed.pop(ch, None)
         await self._register()
         self._probe_seen = time.monotonic()
+        self._connected.set()  # type: ignore[union-attr]
+        # Subscriptions confirmed and presence registered: ready; the probe keeps checking.
+        if not self.ready:
+            self.ready = True
+            self.problem = ""
+            log.info("broker ready", extra={"fields": {"node": self.node}})
 
     async def _register(self) -> None:
         """The lease, and this node's members in every room it has (idempotent); leaves
@@ -416,6 +470,10 @@ class RedisBroker:
             self._wake.set()
         await self._repair()
 
+    async def _repair_soon(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self._register()
+
     async def _repair(self) -> None:
         """Anti-entropy: make each room's mirror match the presence hash, announcing what
         events missed (a subscriber that was down, a Redis restart). Idempotent with the
@@ -429,18 +487,24 @@ class RedisBroker:
         for room in rooms:
             pipe.hgetall(f"{p}:p:{room.name}")
         snapshots = await pipe.execute()
-        absent: dict[str, set[str]] = {}
+        absent: dict[tuple[str, str], float] = {}
+        now = time.monotonic()
         for room, flat in zip(rooms, snapshots, strict=True):
             present: dict[str, Member] = {}
             for k, raw in flat.items():
                 e = orjson.loads(raw)
                 if e["n"] != self.node:
                     present[k.decode()] = Member(k.decode(), e["m"], e["n"], int(e["s"]))
-            missing = {pid for pid in room.remote if pid not in present}
-            # Gone at two repairs in a row: not a node still re-registering after a restart.
-            hub.repair_room(room.name, present, missing - self._absent.get(room.name, set()))
-            if missing:
-                absent[room.name] = missing
+            # A member missing from the hash is dropped only once it has been missing for a
+            # lease period: its node may still be re-registering after a Redis restart (a
+            # node that died is reaped, with its peer-left events, within the same period).
+            grace = set()
+            for pid in room.remote:
+                if pid not in present:
+                    since = absent[room.name, pid] = self._absent.get((room.name, pid), now)
+                    if now - since < self.presence_ttl:
+                        grace.add(pid)
+            hub.repair_room(room.name, present, grace)
         self._absent = absent
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
@@ -449,10 +513,19 @@ class RedisBroker:
             self.subscribed.discard(msg["channel"])
             return
         if kind in ("subscribe", "ssubscribe"):
-            self.subscribed.add(msg["channel"])
-            fut = self._confirmed.get(msg["channel"])
+            channel = msg["channel"]
+            fut = self._confirmed.get(channel)
             if fut is not None and not fut.done():
                 fut.set_result(None)
+            elif channel in self.subscribed:
+                # redis-py reconnected a dropped subscriber and resubscribed by itself:
+                # whatever was published meanwhile is lost to us, so repair presence.
+                self.stats["reconnects"] += 1
+                log.warning("broker subscriber reconnected", extra={"fields": {
+                    "node": self.node}})
+                if self._repairing is None or self._repairing.done():
+                    self._repairing = asyncio.ensure_future(self._repair_soon())
+            self.subscribed.add(channel)
             return
         if kind != "message":
             return

@@ -54,7 +54,8 @@ class SignalingService:
         if config.broker:
             from rtcsignal.redis.broker import RedisBroker  # redis-py only when used
 
-            self.broker = RedisBroker(config.broker, config.broker_prefix, config.presence_ttl)
+            self.broker = RedisBroker(config.broker, config.broker_prefix, config.presence_ttl,
+                                      config.max_peers_per_room)
         self.hub = Hub(
             broker=self.broker,
             frame=text_frame,
@@ -73,6 +74,7 @@ class SignalingService:
         self.connections: set[Connection] = set()  # open WebSocket sessions in the hub
         self.live: set[Connection] = set()  # every socket, until connection_lost
         self.pending: set[Connection] = set()  # sockets counted by admission.hold()
+        self.counted: set[Connection] = set()  # sessions the broker counted in clientsCount
         self.sessions = 0  # upgraded sockets not yet lost (drain waits for 0)
         self.draining = False
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
@@ -264,10 +266,27 @@ class SignalingService:
         self.connections.add(conn)
         hub.add(peer)
         self.metrics.connections_total += 1
+        if self.broker is not None:  # clientsCount over every instance: one round trip
+            self.counted.add(conn)
+            hub.hold(peer, "")
+            self.broker.connected(functools.partial(self._greet, conn, peer, room))
+        else:
+            self._greet(conn, peer, room, len(hub.peers))
+        return handlers
+
+    def _greet(self, conn: Connection, peer: Peer, room: str | None, count: int) -> None:
+        """The greeting, then the ``?room=`` join; messages the client sent meanwhile are
+        handled after them."""
+        hub = self.hub
+        cfg = self.config
+        if self.broker is not None:
+            hub.unblock(peer, "")
+            if hub.peers.get(peer.id) is not peer:
+                return
         greeting: dict[str, Any] = {
             "type": "connected",
             "message": "Connected to signaling server",
-            "clientsCount": hub.clients_count(),
+            "clientsCount": count,
             "peerId": peer.id,
         }
         if cfg.turn_urls or cfg.stun_urls:
@@ -286,7 +305,7 @@ class SignalingService:
             hub.send_error(peer, MessageError(
                 ErrorCode.ROOM_REQUIRED, "this server needs ?room=NAME in the URL"))
             conn.close(frames.CLOSE_POLICY, ErrorCode.ROOM_REQUIRED)
-        return handlers
+        hub.replay(peer)
 
     def _session_closed(self, conn: Connection, reason: str) -> None:
         """The session ended: leave the hub (presence: peer-left with ``reason``)."""
@@ -294,6 +313,9 @@ class SignalingService:
             self.connections.discard(conn)
             self.hub.remove(conn.context[0], reason)
             self.metrics.count_disconnect(reason)
+            if conn in self.counted:
+                self.counted.discard(conn)
+                self.broker.disconnected()
 
     # --- write coalescing ---------------------------------------------------------------
 

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from typing import Any
 
-import pytest
 from websockets.asyncio.client import ClientConnection
 
 from tests.helpers import http_request, open_client, recv_json, send_json
@@ -138,7 +136,7 @@ async def test_sigkill_of_one_instance_announces_each_lost_peer_once(make_cluste
     # A marker through the room: nothing else (no duplicate peer-left) came before it.
     sender, sender_id = survivors[0]
     await send_json(sender, {"type": "marker"})
-    for ws, pid in survivors[1:]:
+    for ws, _ in survivors[1:]:
         msg = await recv_json(ws)
         assert msg == {"from": sender_id, "type": "marker"}, msg
     late, _, snap = await member(cluster.urls[0], "crash")
@@ -185,7 +183,7 @@ async def test_killed_subscriber_is_noticed_and_rebuilt(make_cluster, redis_serv
     subscriptions, and delivery flows again within 10 s; every message sent meanwhile was
     delivered or refused (broker-unavailable), none lost."""
     cluster = make_cluster(2)
-    a, a_id, _ = await member(cluster.urls[0], "deaf")
+    a, _, _ = await member(cluster.urls[0], "deaf")
     b, _, _ = await member(cluster.urls[1], "deaf")
     await expect(a, "peer-joined")
     killed = redis_server.client_kill_pubsub()
@@ -276,12 +274,44 @@ async def test_burst_of_maximum_size_messages_across_instances(make_cluster, red
         await b.close()
 
 
-@pytest.mark.parametrize("flags", [("--workers", "2")])
-async def test_workers_need_a_broker(flags):
-    import subprocess
-    import sys
-    done = subprocess.run([sys.executable, "-m", "rtcsignal", "serve", "--port", "0", *flags],
-                          capture_output=True, text=True, timeout=30)
-    assert done.returncode == 2 and "--broker" in done.stderr, done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-    json.dumps(flags)
+async def test_worker_sigkilled_under_workers_2_is_restarted_and_its_peers_announced(
+        run_server, redis_server, broker_prefix):
+    """--workers 2 on Redis: members of one room on both workers; SIGKILL one worker. The
+    supervisor restarts it; every member on the other worker gets exactly one peer-left
+    (timeout) per lost peer within the presence TTL, and keeps relaying."""
+    import os
+    import signal
+
+    ttl = 2.0
+    server = run_server("--workers", "2", "--broker", redis_server.url, "--broker-prefix",
+                        broker_prefix, "--presence-ttl", str(ttl))
+    await asyncio.to_thread(server.wait_for, lambda e: e.get("event") == "listening"
+                            and "workers" in e, 15)
+    clients: list[tuple[ClientConnection, str, int]] = []
+    pids: set[int] = set()
+    while len(pids) < 2 or len(clients) < 4:  # until both workers hold members
+        ws, pid, _ = await member(server.url(), "w")
+        line = await asyncio.to_thread(server.wait_for, lambda e, p=pid: e.get(
+            "event") == "connect" and e.get("peer") == p, 5)
+        for other, _, _ in clients:
+            await expect(other, "peer-joined")
+        clients.append((ws, pid, line["pid"]))
+        pids.add(line["pid"])
+        assert len(clients) < 40, "the kernel never spread connections over both workers"
+    victim = clients[0][2]
+    lost = {pid for _, pid, w in clients if w == victim}
+    survivors = [(ws, pid) for ws, pid, w in clients if w != victim]
+    os.kill(victim, signal.SIGKILL)
+    restarted = await asyncio.to_thread(server.wait_for, lambda e: e.get(
+        "event") == "worker started" and e.get("pid") not in pids, 15)
+    assert restarted["pid"] != victim
+    for ws, _ in survivors:
+        left = [await expect(ws, "peer-left", timeout=ttl * 4) for _ in lost]
+        assert sorted(m["peerId"] for m in left) == sorted(lost), left
+        assert all(m["reason"] == "timeout" for m in left), left
+    sender, sender_id = survivors[0]
+    await send_json(sender, {"type": "marker"})
+    for ws, _ in survivors[1:]:
+        assert await recv_json(ws) == {"from": sender_id, "type": "marker"}
+    for ws, _ in survivors:
+        await ws.close()

@@ -1,7 +1,10 @@
 """Rooms, presence and addressed messages over real sockets (issue 3).
 
 Every test talks to a real server (a ``rtcsignal serve`` subprocess, or an in-process
-SignalingService for the Python API) with the ``websockets`` client. Nothing sleeps: each
+SignalingService for the Python API) with the ``websockets`` client. The subprocess tests
+run twice: against one instance, and against three instances sharing one real Redis behind
+a round-robin balancer (``topology``, tests/cluster.py), so consecutive clients land on
+different instances and every rule here must hold across them. Nothing sleeps: each
 expectation awaits a message with a timeout, and "nothing was delivered" is shown by sending
 a later marker through the same path and asserting the marker is the next thing received.
 """
@@ -23,6 +26,17 @@ from tests.rawws import OP_PING, Closed, RawWS
 
 TIMEOUT = 5.0
 _serial = itertools.count(1)
+
+
+@pytest.fixture
+def server(topology: Any) -> Any:
+    """One instance, or a three-instance cluster on Redis (both, by parametrization)."""
+    return topology
+
+
+@pytest.fixture
+def run_server(run_topology: Any) -> Any:
+    return run_topology
 
 
 def unique(prefix: str) -> str:

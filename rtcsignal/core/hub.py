@@ -100,8 +100,8 @@ class Room:
     version it joined at, so it is told only of events after its own snapshot. While the
     first local join is in flight, events wait in ``loading`` for the snapshot."""
 
-    __slots__ = ("loading", "members", "meta", "name", "presence", "remote", "seq", "since",
-                 "version")
+    __slots__ = ("joining", "loading", "members", "meta", "name", "presence", "remote", "seq",
+                 "since", "version")
 
     def __init__(self, name: str, presence: bool = True) -> None:
         self.name = name
@@ -113,6 +113,10 @@ class Room:
         self.remote: dict[str, Member] = {}
         self.version = 0
         self.loading: list[tuple[int, Member | None, str, str]] | None = None
+        # Local peers whose join is in flight, with what the room's members got meanwhile
+        # (version 0: after their join for sure; else a remote event's version), handed to
+        # them right after their `joined`: they miss nothing issued after their join.
+        self.joining: dict[str, list[tuple[int, bytes]]] = {}
 
 
 class Hooks:
@@ -220,6 +224,7 @@ class Hub:
                 room.loading = []  # the snapshot decides the mirror; events wait for it
         if self.shared:
             self.hold(peer, name)
+            room.joining[peer.id] = []
 
         def done(remote: list[Member], seq: int, version: int) -> None:
             self._join_done(peer, room, meta, ref, remote, seq, version)
@@ -234,6 +239,7 @@ class Hub:
         name = room.name
         self.unblock(peer, name)
         if self.peers.get(peer.id) is not peer:  # gone while the join was in flight
+            room.joining.pop(peer.id, None)
             self.broker.leave(name, peer.id, "closed")
             self._drop_if_empty(room)
             return
@@ -256,12 +262,12 @@ class Hub:
             ]
         joined = {"type": "joined", "room": name, "peers": snapshot}
         peer.sink.send(self.frame(messages.reply(joined, ref)))
-        if room.members:
-            self._send_many(
-                room.members.values(),
-                {"type": "peer-joined", "room": name, "peerId": peer.id, "meta": meta,
-                 "polite": False},
-            )
+        for v, frame in room.joining.pop(peer.id, ()):
+            if v == 0 or v > version:
+                peer.sink.send(frame)
+        if room.members or room.joining:  # joiners whose snapshot has this one skip it
+            self._announce(room, {"type": "peer-joined", "room": name, "peerId": peer.id,
+                                  "meta": meta, "polite": False}, version)
         room.members[peer.id] = peer
         room.meta[peer.id] = meta
         room.seq[peer.id] = seq
@@ -272,6 +278,7 @@ class Hub:
         self.replay(peer)
 
     def _join_failed(self, peer: Peer, room: Room, exc: MessageError) -> None:
+        room.joining.pop(peer.id, None)
         self.unblock(peer, room.name)
         self._drop_if_empty(room)
         if self.peers.get(peer.id) is peer:
@@ -300,7 +307,7 @@ class Hub:
             peer.backlog = None
 
     def _drop_if_empty(self, room: Room) -> None:
-        if not room.members and self.rooms.get(room.name) is room:
+        if not room.members and not room.joining and self.rooms.get(room.name) is room:
             del self.rooms[room.name]
 
     def leave(self, peer: Peer, name: Any, ref: Any = None) -> None:
@@ -317,12 +324,10 @@ class Hub:
         del room.since[peer.id]
         del peer.rooms[room.name]
         self.broker.leave(room.name, peer.id, reason)
-        if room.members:
-            self._send_many(
-                room.members.values(),
-                {"type": "peer-left", "room": room.name, "peerId": peer.id, "reason": reason},
-            )
-        elif room.loading is None:  # (a first join still in flight keeps it)
+        if room.members or room.joining:
+            self._announce(room, {"type": "peer-left", "room": room.name, "peerId": peer.id,
+                                  "reason": reason})
+        if not room.members and not room.joining and room.loading is None:
             del self.rooms[room.name]
         if not peer.rooms and self.lobby is not None and peer.id in self.peers:
             self.lobby.members[peer.id] = peer
@@ -390,6 +395,9 @@ class Hub:
                 if member is not peer:
                     member.sink.send(frame)
                     n += 1
+            if room.joining:  # type: ignore[union-attr]
+                for queued in room.joining.values():  # type: ignore[union-attr]
+                    queued.append((0, frame))
             if room.remote or (self.shared and room is self.lobby):  # type: ignore[union-attr]
                 self.broker.publish_room(room.name, data, peer.id, obj.get("id"))  # type: ignore[union-attr]
         elif type(target) is str:  # a peer of another node
@@ -519,11 +527,13 @@ class Hub:
     def remote_relay(self, room_name: str, data: bytes) -> int:
         """A message relayed on another node to a room with members here."""
         room = self.lobby if room_name == "" else self.rooms.get(room_name)
-        if room is None or not room.members:
+        if room is None:
             return 0
         frame = self.frame(data)
         for member in room.members.values():
             member.sink.send(frame)
+        for queued in room.joining.values():
+            queued.append((0, frame))
         return len(room.members)
 
     def remote_direct(self, target: str, data: bytes, sender: str, rooms: list[str],
@@ -576,8 +586,7 @@ class Hub:
                 return
             event = {"type": "peer-left", "room": room.name, "peerId": peer_id,
                      "reason": reason}
-        since = room.since
-        self._send_many((p for pid, p in room.members.items() if since[pid] < version), event)
+        self._announce(room, event, version)
 
     def repair_room(self, room_name: str, present: dict[str, Member],
                     grace: set[str] | frozenset[str] = frozenset()) -> None:
@@ -589,12 +598,12 @@ class Hub:
             return
         for pid in [p for p in room.remote if p not in present and p not in grace]:
             del room.remote[pid]
-            self._send_many(room.members.values(), {
+            self._announce(room, {
                 "type": "peer-left", "room": room_name, "peerId": pid, "reason": "timeout"})
         for pid, member in present.items():
             if pid not in room.remote:
                 room.remote[pid] = member
-                self._send_many(room.members.values(), {
+                self._announce(room, {
                     "type": "peer-joined", "room": room_name, "peerId": pid,
                     "meta": member.meta, "polite": False})
 
@@ -607,6 +616,17 @@ class Hub:
             log.info("error", extra={"fields": {
                 "peer": peer.id, "addr": peer.address, "code": exc.code}})
         peer.sink.send(self.frame(messages.error(exc.code, exc.message, exc.ref)))
+
+    def _announce(self, room: Room, obj: dict[str, Any], version: int = 0) -> None:
+        """A presence event for a room's local members (those who joined before
+        ``version``, for a remote event) and its local joiners in flight."""
+        frame = self.frame(orjson.dumps(obj))
+        since = room.since
+        for pid, p in room.members.items():
+            if version == 0 or since[pid] < version:
+                p.sink.send(frame)
+        for queued in room.joining.values():
+            queued.append((version, frame))
 
     def _send_many(self, peers: Iterable[Peer], obj: dict[str, Any]) -> int:
         frame = self.frame(orjson.dumps(obj))

@@ -315,3 +315,37 @@ async def test_worker_sigkilled_under_workers_2_is_restarted_and_its_peers_annou
         assert await recv_json(ws) == {"from": sender_id, "type": "marker"}
     for ws, _ in survivors:
         await ws.close()
+
+
+async def test_unix_socket_broker_and_broker_metrics(broker_prefix):
+    """--broker unix://PATH works like redis://; /metrics shows the broker's work."""
+    import shutil
+    import tempfile
+
+    from tests.cluster import Cluster
+    from tests.helpers import metrics
+    from tests.redis_server import RedisServer
+
+    where = tempfile.mkdtemp(prefix="rtcsignal-sock-")
+    sock = f"{where}/redis.sock"
+    redis = RedisServer(args=("--unixsocket", sock, "--unixsocketperm", "700")).start()
+    cluster = Cluster(f"unix://{sock}", broker_prefix, n=2)
+    try:
+        a, a_id, _ = await member(cluster.urls[0], "unix")
+        b, _, _ = await member(cluster.urls[1], "unix")
+        await expect(a, "peer-joined")
+        await send_json(a, {"type": "offer", "n": 1})
+        assert (await expect(b, "offer"))["from"] == a_id
+        seen = await metrics(cluster.instance(0))
+        assert seen["rtcsignal_broker_ready"] == 1, seen
+        assert seen["rtcsignal_broker_publishes_total"] >= 2, seen  # a join and a relay
+        assert seen["rtcsignal_broker_subscriptions"] >= 2, seen  # its node and the room
+        assert seen["rtcsignal_broker_lease_held"] in (0, 1)
+        got = await metrics(cluster.instance(1))
+        assert got["rtcsignal_broker_received_total"] >= 1, got
+        await a.close()
+        await b.close()
+    finally:
+        cluster.stop()
+        redis.cleanup()
+        shutil.rmtree(where, ignore_errors=True)

@@ -931,8 +931,10 @@ async def flood_until_closed(ws: RawWS, frame: bytes, per_batch: int = 200,
 @pytest.mark.parametrize("kind", ["fragments", "pongs"])
 async def test_fragment_and_pong_floods_are_rate_limited_then_closed_1008(run_server, kind):
     """Empty continuation frames and unsolicited pongs spend rate-limit tokens like messages:
-    a flood gets rate-limited errors, then close 1008; the healthy pair is untouched."""
-    server = run_server()
+    a flood gets rate-limited errors, then close 1008; the healthy pair is untouched.
+    A low rate (a token every 0.5 s) so that a pause of the flooding test itself, on a busy
+    machine, cannot refill the two tokens that end a flood."""
+    server = run_server("--rate-limit", "2", "--rate-burst", "10")
     room = unique("r")
     a, b = await healthy_pair(server, room)
     ws, _ = await attacker(server, room, b)

@@ -51,7 +51,7 @@ async def wait_ready(servers: list[Any], within: float) -> float:
         await asyncio.sleep(0.05)  # polls an HTTP status: there is no event to await
 
 
-async def test_peers_on_different_instances_behave_as_on_one(make_cluster):
+async def test_peers_on_different_instances_behave_as_on_one(make_cluster, redis_server):
     cluster = make_cluster(3)
     a, a_id, snap = await member(cluster.urls[0], "r")
     assert snap == []
@@ -59,8 +59,13 @@ async def test_peers_on_different_instances_behave_as_on_one(make_cluster):
     assert snap == [{"peerId": a_id, "meta": {}, "polite": True}]
     seen = await expect(a, "peer-joined")
     assert seen["peerId"] == b_id and seen["polite"] is False
-    c, c_id, snap = await member(cluster.urls[2], "r", additional_headers={})
+    c, c_id, snap = await member(cluster.urls[2], "r")
     assert [p["peerId"] for p in snap] == [a_id, b_id]  # join order across instances
+    # Redis 7: the room's channel is a shard channel (SSUBSCRIBE), not a classic one.
+    shard = redis_server.execute("PUBSUB", "SHARDCHANNELS", f"{cluster.prefix}:r:*")
+    classic = redis_server.execute("PUBSUB", "CHANNELS", f"{cluster.prefix}:*")
+    assert [c.decode() if isinstance(c, bytes) else c for c in shard] == [f"{cluster.prefix}:r:r"]
+    assert list(classic) == [], classic
     for ws in (a, b):
         assert (await expect(ws, "peer-joined"))["peerId"] == c_id
     # Room broadcast reaches the members of both other instances, in order per sender.

@@ -8,6 +8,10 @@ order, meta); ``P:v`` the counter that orders joins and leaves; ``P:nr:<node>`` 
 where a node has members; ``P:node:<node>`` the node's lease (``--presence-ttl``);
 ``P:nodes`` the known nodes; ``P:c`` each node's client count.
 
+With Redis 7 or newer the channels are sharded (``SPUBLISH``/``SSUBSCRIBE``), so a Redis
+Cluster could spread them; with an older Redis, plain ``PUBLISH``/``SUBSCRIBE``. Every
+instance asks the server, so all of one deployment agree.
+
 Every write goes through one ordered queue, sent as a pipeline per loop turn, so what one
 sender does reaches Redis, and every subscriber, in order. Joins and leaves are Lua scripts:
 the member is added or removed, the join order assigned and the event published in one
@@ -59,7 +63,7 @@ local entry = '{"n":"' .. ARGV[3] .. '","s":' .. v .. ',"m":' .. ARGV[2] .. '}'
 redis.call('HSET', KEYS[1], ARGV[1], entry)
 redis.call('SADD', KEYS[3], ARGV[4])
 local all = redis.call('HGETALL', KEYS[1])
-redis.call('PUBLISH', ARGV[5], '{"k":"J","o":"' .. ARGV[3] .. '","r":"' .. ARGV[4] ..
+redis.call(ARGV[7], ARGV[5], '{"k":"J","o":"' .. ARGV[3] .. '","r":"' .. ARGV[4] ..
   '","p":"' .. ARGV[1] .. '","v":' .. v .. ',"e":' .. entry .. '}\\n')
 return {v, all}
 """
@@ -67,7 +71,7 @@ return {v, all}
 LEAVE = """
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
 local v = redis.call('INCR', KEYS[2])
-redis.call('PUBLISH', ARGV[4], '{"k":"L","o":"' .. ARGV[5] .. '","r":"' .. ARGV[3] ..
+redis.call(ARGV[7], ARGV[4], '{"k":"L","o":"' .. ARGV[5] .. '","r":"' .. ARGV[3] ..
   '","p":"' .. ARGV[1] .. '","v":' .. v .. ',"why":"' .. ARGV[2] .. '"}\\n')
 if ARGV[6] == '1' then redis.call('SREM', KEYS[3], ARGV[3]) end
 return v
@@ -88,7 +92,7 @@ for _, room in ipairs(rooms) do
     if e['n'] == ARGV[1] then
       redis.call('HDEL', key, all[i])
       local v = redis.call('INCR', KEYS[3])
-      redis.call('PUBLISH', prefix .. ':r:' .. room, '{"k":"L","o":"' .. ARGV[1] ..
+      redis.call(ARGV[3], prefix .. ':r:' .. room, '{"k":"L","o":"' .. ARGV[1] ..
         '","r":"' .. room .. '","p":"' .. all[i] .. '","v":' .. v .. ',"why":"timeout"}\\n')
       n = n + 1
     end
@@ -145,6 +149,8 @@ class RedisBroker:
         self._others = 0  # clients on the other nodes, from the last count refresh
         self._stopping = False
         self._connected: asyncio.Event | None = None
+        self.sharded: bool | None = None  # SPUBLISH/SSUBSCRIBE (Redis >= 7); None: not asked
+        self._pub = "PUBLISH"
         self._epoch = b""  # Redis's P:epoch as last seen; a new one means Redis restarted
         self._retry: list[tuple[Any, ...]] = []  # leaves that failed: run again on reconnect
         self._absent: dict[tuple[str, str], float] = {}  # (room, peer) -> missing since
@@ -246,7 +252,7 @@ class RedisBroker:
         channel = self._room_channel(room)
         p = self.prefix
         args = ("EVAL", JOIN, 3, f"{p}:p:{room}", f"{p}:v", f"{p}:nr:{self.node}", peer,
-                orjson.dumps(meta), self.node, room, channel, self.max_peers_per_room)
+                orjson.dumps(meta), self.node, room, channel, self.max_peers_per_room, "PUBLISH")
 
         def finish(result: Any) -> None:
             if isinstance(result, Exception) or int(result[0]) < 0:
@@ -283,7 +289,7 @@ class RedisBroker:
         p = self.prefix
         channel = self._room_channel(room)
         self._queue(("EVAL", LEAVE, 3, f"{p}:p:{room}", f"{p}:v", f"{p}:nr:{self.node}", peer,
-                     reason, room, channel, self.node, "1" if left <= 0 else "0"), None,
+                     reason, room, channel, self.node, "1" if left <= 0 else "0", "PUBLISH"), None,
                     unsubscribe=channel if left <= 0 else None)
 
     def clients(self, local: int) -> int:
@@ -350,13 +356,29 @@ class RedisBroker:
                     batch.append((args, done))
             await self._run(batch)
 
+    async def _detect(self) -> None:
+        """Sharded pub/sub if the server has it (Redis >= 7), asked once."""
+        if self.sharded is None:
+            info = await self.redis.info("server")
+            self.sharded = int(str(info.get("redis_version", "0")).split(".")[0]) >= 7
+            self._pub = "SPUBLISH" if self.sharded else "PUBLISH"
+
+    def _command(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Queued commands name "PUBLISH" and scripts end with it; send the mode's own."""
+        if args[0] == "PUBLISH":
+            return (self._pub, *args[1:])
+        if args[0] == "EVAL":
+            return (*args[:-1], self._pub) if args[-1] == "PUBLISH" else args
+        return args
+
     async def _run(self, batch: list[tuple[tuple[Any, ...], Done | None]]) -> None:
         if not batch:
             return
         try:
+            await self._detect()
             pipe = self.redis.pipeline(transaction=False)
             for args, _ in batch:
-                pipe.execute_command(*args)
+                pipe.execute_command(*self._command(args))
             results = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             results = [exc] * len(batch)
@@ -375,8 +397,13 @@ class RedisBroker:
             if command == "SUBSCRIBE":
                 fut = self.loop.create_future()
                 self._confirmed[channel] = fut
-                await self.pubsub.subscribe(channel)
+                if self.sharded:
+                    await self.pubsub.ssubscribe(channel)
+                else:
+                    await self.pubsub.subscribe(channel)
                 await asyncio.wait_for(fut, 2)
+            elif self.sharded:
+                await self.pubsub.sunsubscribe(channel)
             else:
                 await self.pubsub.unsubscribe(channel)
         except (RedisError, OSError, TimeoutError) as exc:
@@ -410,13 +437,17 @@ class RedisBroker:
     async def _connect_pubsub(self) -> None:
         """A fresh subscriber connection with every channel this node needs, then presence
         registered again (Redis may have restarted empty)."""
+        await self._detect()
         pubsub = self.redis.pubsub()
         self.subscribed = set()
         channels = sorted(self._channels)
         waits = {}
         for ch in channels:
             waits[ch] = self._confirmed[ch] = self.loop.create_future()
-        await pubsub.subscribe(*channels)
+        if self.sharded:
+            await pubsub.ssubscribe(*channels)
+        else:
+            await pubsub.subscribe(*channels)
         self.pubsub = pubsub
         deadline = time.monotonic() + 5
         while not all(f.done() for f in waits.values()):
@@ -509,7 +540,7 @@ class RedisBroker:
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
         kind = msg.get("type")
-        if kind == "unsubscribe":
+        if kind in ("unsubscribe", "sunsubscribe"):
             self.subscribed.discard(msg["channel"])
             return
         if kind in ("subscribe", "ssubscribe"):
@@ -527,7 +558,7 @@ class RedisBroker:
                     self._repairing = asyncio.ensure_future(self._repair_soon())
             self.subscribed.add(channel)
             return
-        if kind != "message":
+        if kind not in ("message", "smessage"):
             return
         self.stats["received"] += 1
         raw: bytes = msg["data"]
@@ -575,8 +606,9 @@ class RedisBroker:
                             await self.pubsub.aclose()  # the reader reconnects
                     elif self._probe_sent <= self._probe_seen:
                         self._probe_sent = now
-                        await self.redis.publish(self._node_channel(self.node),
-                                                 orjson.dumps({"k": "P", "t": now}) + b"\n")
+                        await self.redis.execute_command(
+                            self._pub, self._node_channel(self.node),
+                            orjson.dumps({"k": "P", "t": now}) + b"\n")
                 if now - last_lease >= self.presence_ttl / 3:
                     last_lease = now
                     await self.redis.set(f"{p}:node:{self.node}", b"1",
@@ -602,7 +634,7 @@ class RedisBroker:
             if node == self.node:
                 continue
             n = await self.redis.eval(REAP, 5, f"{p}:node:{node}", f"{p}:nr:{node}", f"{p}:v",
-                                      f"{p}:nodes", f"{p}:c", node, p)
+                                      f"{p}:nodes", f"{p}:c", node, p, self._pub)
             if n:
                 self.stats["reaped"] += int(n)
                 log.info("node lost", extra={"fields": {"node": node, "peers": int(n)}})

@@ -1,5 +1,6 @@
 #!/bin/sh
-# Installs the Debian packages the test suite drives for real (redis-server, chromium, nginx)
+# Installs the Debian packages the test suite drives for real (redis-server, chromium, nginx,
+# gcc, openssl)
 # when they are missing. Needs root; otherwise it names what to install and fails.
 #
 # The tests start their own redis-server and nginx (free ports, private config), so the
@@ -12,6 +13,7 @@ command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$missing nginx"
 command -v gcc >/dev/null 2>&1 || missing="$missing gcc"
+command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
     echo "install-system-deps: missing Debian packages:$missing (run as root, or: sudo apt-get install$missing)" >&2

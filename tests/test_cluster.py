@@ -354,3 +354,33 @@ async def test_unix_socket_broker_and_broker_metrics(broker_prefix):
         cluster.stop()
         redis.cleanup()
         shutil.rmtree(where, ignore_errors=True)
+
+
+async def test_tls_broker_rediss(broker_prefix, tmp_path):
+    """--broker rediss://… talks TLS to Redis, verifying its certificate."""
+    import subprocess
+
+    from tests.cluster import Cluster
+    from tests.redis_server import RedisServer, free_port
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    tls_port = free_port()
+    redis = RedisServer(args=("--tls-port", str(tls_port), "--tls-cert-file", str(cert),
+                              "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+                              "--tls-auth-clients", "no")).start()
+    cluster = Cluster(f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}", broker_prefix,
+                      n=2)
+    try:
+        a, a_id, _ = await member(cluster.urls[0], "tls")
+        b, _, _ = await member(cluster.urls[1], "tls")
+        await expect(a, "peer-joined")
+        await send_json(b, {"type": "answer", "to": a_id})
+        assert (await expect(a, "answer"))["to"] == a_id
+        await a.close()
+        await b.close()
+    finally:
+        cluster.stop()
+        redis.cleanup()

@@ -74,7 +74,8 @@ def connect(svc: SignalingService) -> tuple[Connection, str]:
                         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                         "Sec-WebSocket-Version: 13\r\n\r\n").encode())
     ctx = getattr(conn, "context", None)
-    peer = ctx[0] if isinstance(ctx, tuple) else conn.peer  # this tree / before the Owner seam
+    # The Peer: the context (now), a (peer, admitted) context (6fc39f0), or conn.peer (older)
+    peer = ctx[0] if isinstance(ctx, tuple) else ctx if ctx is not None else conn.peer
     return conn, peer.id
 
 

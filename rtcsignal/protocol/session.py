@@ -91,15 +91,17 @@ class Session:
         self._msg_op = 0
         self._utf8: codecs.IncrementalDecoder | None = None  # text validation across pieces
         self._checked = 0  # payload bytes of the partial frame in _buf already validated
-        self._out: list[bytes] = []
+        self._out: list[bytes] | None = None  # made on demand: most sessions never need it
 
     # --- output ---------------------------------------------------------------------
 
     def data_to_send(self) -> bytes:
         """Bytes the session itself must write (close frames); empties the queue."""
-        out = b"".join(self._out)
-        self._out.clear()
-        return out
+        out = self._out
+        if not out:
+            return b""
+        self._out = None
+        return b"".join(out)
 
     def ping(self) -> bytes:
         """A heartbeat ping to write; the next ``ping`` call finds ``ping_pending`` set if
@@ -270,7 +272,7 @@ class Session:
             code, _reason = parse_close(payload)  # ProtocolError for a malformed body
             self.peer_close_code = code
             if self.state is OPEN:  # the peer starts the closing handshake: answer it
-                self._out.append(encode_close(CLOSE_NORMAL if code == CLOSE_NO_STATUS else code))
+                self._emit(encode_close(CLOSE_NORMAL if code == CLOSE_NO_STATUS else code))
                 out.append((OP_CLOSE, payload))
             self.state = CLOSED
             self.close_transport = True  # the server closes TCP first (RFC 6455 7.1.1)
@@ -281,10 +283,15 @@ class Session:
         close the transport without waiting for the peer."""
         self.failure = exc
         if self.state is OPEN:
-            self._out.append(encode_close(exc.code, exc.reason))
+            self._emit(encode_close(exc.code, exc.reason))
         self.state = CLOSED
         self.close_transport = True
         self._drop_message()
+
+    def _emit(self, data: bytes) -> None:
+        if self._out is None:
+            self._out = []
+        self._out.append(data)
 
     def _drop_message(self) -> None:
         self._msg = None

@@ -51,17 +51,19 @@ Answer = tuple[int, bytes, str, dict[str, str]]
 
 @dataclass(slots=True)
 class Handlers:
-    """What an open session delivers to; the owner makes one per upgrade.
+    """What open sessions deliver to: one object per owner, shared by its connections (no
+    per-connection closures). The first argument is the connection's ``context`` (the
+    owner's per-connection state), or the connection itself for ``closed``.
 
-    ``admit(nbytes)`` decides whether a ping, pong or fragment fits the sender's rate limit
-    (a refused ping is not answered, a refused fragment's message is dropped); ``closed``
-    runs once when the session ends (reason ``closed`` or ``timeout``).
+    ``admit(context, nbytes)`` decides whether a ping, pong or fragment fits the sender's
+    rate limit (a refused ping is not answered, a refused fragment's message is dropped);
+    ``closed(conn, reason)`` runs once when the session ends (``closed`` or ``timeout``).
     """
 
-    text: Callable[[bytes], None]
-    binary: Callable[[bytes], None]
-    admit: Callable[[int], bool]
-    closed: Callable[[str], None]
+    text: Callable[[Any, bytes], None]
+    binary: Callable[[Any, bytes], None]
+    admit: Callable[[Any, int], bool]
+    closed: Callable[[Connection, str], None]
 
 
 class Owner(Protocol):
@@ -101,6 +103,7 @@ class Connection(asyncio.Protocol):
         "session",
         "slow_timer",
         "state",
+        "ticket",
         "timer",
         "transport",
     )
@@ -113,6 +116,7 @@ class Connection(asyncio.Protocol):
         self.session: Session | None = None
         self.handlers: Handlers | None = None
         self.context: Any = None  # the owner's per-connection state (the signaling Peer)
+        self.ticket: Any = None  # the owner's second one (the signaling admission record)
         self.out: list[bytes] | None = None
         self.close_code = frames.CLOSE_ABNORMAL
         self.opened = 0.0
@@ -143,24 +147,25 @@ class Connection(asyncio.Protocol):
             events = session.receive_data(data)  # type: ignore[union-attr]
             handlers = self.handlers
             on_text = handlers.text  # type: ignore[union-attr]
+            ctx = self.context
             for op, payload in events:
                 if op == frames.OP_TEXT and not self.refusing:
-                    on_text(payload)
+                    on_text(ctx, payload)
                 elif op == frames.OP_TEXT:
                     self.refusing = False
                 elif op == frames.OP_PONG:
-                    handlers.admit(len(payload))  # type: ignore[union-attr]
+                    handlers.admit(ctx, len(payload))  # type: ignore[union-attr]
                 elif op == frames.OP_PING:
-                    if handlers.admit(len(payload)):  # type: ignore[union-attr]
+                    if handlers.admit(ctx, len(payload)):  # type: ignore[union-attr]
                         self.send(frames.encode_frame(frames.OP_PONG, payload))
                 elif op == FRAGMENT:
-                    if not handlers.admit(0):  # type: ignore[union-attr]
+                    if not handlers.admit(ctx, 0):  # type: ignore[union-attr]
                         self.refusing = True
                 elif op == frames.OP_BINARY:
                     if self.refusing:
                         self.refusing = False
                     else:
-                        handlers.binary(payload)  # type: ignore[union-attr]
+                        handlers.binary(ctx, payload)  # type: ignore[union-attr]
                 if self.state is not OPEN:
                     break
             if session.close_transport:  # type: ignore[union-attr]
@@ -274,7 +279,7 @@ class Connection(asyncio.Protocol):
         handlers = self.handlers
         if handlers is not None:
             self.handlers = None
-            handlers.closed(reason)
+            handlers.closed(self, reason)
 
     def _session_over(self) -> None:
         """The session says the transport must close now (peer's close, protocol error)."""

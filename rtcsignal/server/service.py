@@ -69,6 +69,8 @@ class SignalingService:
         )
         if self.broker is not None:
             self.broker.attach(self.hub)
+        self.handlers = Handlers(text=self.hub.handle_text, binary=self.hub.handle_binary,
+                                 admit=self.hub.admit_rate, closed=self._session_closed)
         self.admission = Admission(config)
         self.on_connect: Callable[[Peer, Request], tuple[int, str] | None] | None = None
         self.connections: set[Connection] = set()  # open WebSocket sessions in the hub
@@ -195,7 +197,7 @@ class SignalingService:
         self.live.discard(conn)
         self._unhold(conn)
         if conn.context is not None:
-            peer, admitted = conn.context
+            peer, admitted = conn.context, conn.ticket
             self.sessions -= 1
             if log.isEnabledFor(logging.INFO):
                 log.info("disconnect", extra={"fields": {
@@ -248,14 +250,9 @@ class SignalingService:
             allowed_rooms=admitted.rooms,
             fixed_meta=admitted.meta,
         )
-        conn.context = (peer, admitted)
-        handlers = Handlers(
-            text=functools.partial(hub.handle_text, peer),
-            binary=functools.partial(hub.handle_binary, peer),
-            admit=functools.partial(hub.admit_rate, peer),
-            closed=functools.partial(self._session_closed, conn),
-        )
-        conn.handlers = handlers  # so a close during the steps below detaches the peer
+        conn.context = peer
+        conn.ticket = admitted
+        conn.handlers = handlers = self.handlers  # a close in the steps below detaches the peer
         if self.on_connect is not None:
             refusal = self.on_connect(peer, request)
             if refusal is not None:
@@ -311,7 +308,7 @@ class SignalingService:
         """The session ended: leave the hub (presence: peer-left with ``reason``)."""
         if conn in self.connections:
             self.connections.discard(conn)
-            self.hub.remove(conn.context[0], reason)
+            self.hub.remove(conn.context, reason)
             self.metrics.count_disconnect(reason)
             if conn in self.counted:
                 self.counted.discard(conn)

@@ -32,6 +32,14 @@ HARNESS_CONFIG = Config(
 )
 
 
+ECHO = Handlers(
+    text=lambda conn, payload: conn.send(encode_frame(OP_TEXT, payload)),
+    binary=lambda conn, payload: conn.send(encode_frame(OP_BINARY, payload)),
+    admit=lambda conn, nbytes: True,
+    closed=lambda conn, reason: None,
+)
+
+
 class EchoOwner:
     """The ``Owner`` of each connection: echo every message, answer plain HTTP with 404."""
 
@@ -53,12 +61,8 @@ class EchoOwner:
 
     def upgrade(self, conn: Connection, request: Request) -> Handlers:
         conn.accept()
-        return Handlers(
-            text=lambda payload: conn.send(encode_frame(OP_TEXT, payload)),
-            binary=lambda payload: conn.send(encode_frame(OP_BINARY, payload)),
-            admit=lambda nbytes: True,
-            closed=lambda reason: None,
-        )
+        conn.context = conn
+        return ECHO
 
     def mark_dirty(self, conn: Connection) -> None:
         self.loop.call_soon(conn.flush)

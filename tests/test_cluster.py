@@ -179,6 +179,14 @@ async def test_redis_restart_refuses_then_recovers(make_cluster, redis_server):
     assert (await expect(a, "answer"))["from"] == b_id
     assert refused == set(range(sent)), (refused, delivered)  # sent = refused + delivered
     assert took < 5.0
+    # One log line for the outage, whatever else failed meanwhile, and one when it ended.
+    inst = cluster.instance(0)
+    down = await asyncio.to_thread(inst.wait_for, lambda e: e.get("event") == "broker unready")
+    after = inst.lines.index(down)
+    back = await asyncio.to_thread(inst.wait_for, lambda e: e.get("event") == "broker ready"
+                                   and inst.lines.index(e) > after)
+    lines = inst.lines[after: inst.lines.index(back)]
+    assert sum(e.get("event") == "broker unready" for e in lines) == 1, lines
     await a.close()
     await b.close()
 

@@ -640,9 +640,10 @@ class RedisBroker:
                 log.info("node lost", extra={"fields": {"node": node, "peers": int(n)}})
 
     def _unready(self, why: str) -> None:
+        """One log line per outage (the first reason); /readyz shows the latest one."""
         if "unreachable" in why or "failed" in why:
             self.lease_held = False
-        if self.ready or self.problem != why:
+        if self.ready:
             log.warning("broker unready", extra={"fields": {"reason": why}})
         self.ready = False
         self.problem = why

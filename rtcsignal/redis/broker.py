@@ -206,13 +206,13 @@ class RedisBroker:
             await asyncio.wait_for(pipe.execute(), 2)
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(BaseException):
-                await t
-        with contextlib.suppress(Exception):
-            if self.pubsub is not None:
-                await self.pubsub.aclose()
-            await self.redis.aclose()
+        # Every wait is bounded: a stop must end even if a redis-py connection is stuck.
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 2)
+        for closing in (self.pubsub, self.redis):
+            if closing is not None:
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(closing.aclose(), 2)
 
     # --- the Broker interface (synchronous; work is queued) ------------------------------
 

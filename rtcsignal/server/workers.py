@@ -63,6 +63,10 @@ class _Tag(logging.Filter):
         return True
 
 
+#: Seconds a worker whose supervisor is gone may spend draining before it exits anyway.
+ORPHAN_EXIT_AFTER = 30.0
+
+
 def tag_logs(index: int) -> None:
     """Tag the ``rtcsignal`` handlers (records of child loggers skip logger filters)."""
     for handler in logging.getLogger("rtcsignal").handlers:
@@ -83,6 +87,8 @@ def serving(shutdown: Any) -> None:
             loop.remove_reader(0)
             log.warning("supervisor gone")
             tasks.append(asyncio.ensure_future(shutdown()))
+            # No orphan, whatever the drain does: exit for good after a generous bound.
+            loop.call_later(ORPHAN_EXIT_AFTER, os._exit, 1)
 
     loop.add_reader(0, on_stdin)
     with contextlib.suppress(OSError):

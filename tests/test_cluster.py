@@ -392,3 +392,31 @@ async def test_tls_broker_rediss(broker_prefix, tmp_path):
     finally:
         cluster.stop()
         redis.cleanup()
+
+
+async def test_workers_exit_when_their_supervisor_dies_while_draining(
+        run_server, redis_server, broker_prefix):
+    """SIGTERM to the supervisor starts the workers' drain; a SIGKILL of the supervisor
+    during it (what a benchmark harness or a service manager does after a stop timeout)
+    must not leave a worker behind: each ends its drain, or exits after a bound."""
+    import os
+    import signal
+
+    import psutil
+
+    server = run_server("--workers", "2", "--broker", redis_server.url, "--broker-prefix",
+                        broker_prefix, "--drain-timeout", "2", "--close-timeout", "1")
+    await asyncio.to_thread(server.wait_for, lambda e: e.get("event") == "listening"
+                            and "workers" in e, 15)
+    workers = [psutil.Process(e["pid"]) for e in server.lines
+               if e.get("event") == "worker started"]
+    assert len(workers) == 2
+    clients = [await member(server.url(), "orphans") for _ in range(6)]
+    server.proc.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(server.wait_for, lambda e: e.get("event") == "shutting down", 5)
+    os.kill(server.proc.pid, signal.SIGKILL)
+    _, alive = await asyncio.to_thread(psutil.wait_procs, workers, 40)
+    assert not alive, [p.pid for p in alive]
+    for ws, _, _ in clients:
+        with contextlib.suppress(Exception):
+            await ws.close()

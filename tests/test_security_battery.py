@@ -846,9 +846,16 @@ async def test_malformed_close_frame_gets_its_code_and_tcp_closes_at_once(
     await assert_still_healthy(server, a, b)
 
 
-async def rss_after(proc: psutil.Process) -> int:
-    await asyncio.sleep(0)  # RSS sampling, not synchronisation
-    return proc.memory_info().rss
+async def rss_when_read(proc: psutil.Process, ws: RawWS) -> int:
+    """The server's RSS once it has read everything sent so far: a ping goes behind it and
+    its pong comes back (frames are handled in order), then RSS is sampled — while a partial
+    message is still held, not after it has been freed."""
+    tag = os.urandom(4).hex().encode()
+    ws.send(OP_PING, tag)
+    while True:
+        op, payload = await ws.recv_frame(timeout=30)
+        if op == OP_PONG and payload == tag:
+            return proc.memory_info().rss
 
 
 async def test_zero_length_continuations_do_not_grow_server_memory(run_server):
@@ -862,14 +869,14 @@ async def test_zero_length_continuations_do_not_grow_server_memory(run_server):
     ws.send(OP_TEXT, b'{"type":"frag","tail":"', fin=False)
     batch = build_frame(OP_CONT, b"", fin=False) * 10_000
     await ws.drain()
-    base = await rss_after(proc)
+    base = await rss_when_read(proc, ws)
     for _ in range(100):
         ws.send_raw(batch)
         await ws.drain()
+    growth = await rss_when_read(proc, ws) - base  # the message is still open here
     ws.send(OP_CONT, b'end"}')
     msg = await b.next(timeout=30)
     assert msg == {"from": hello["peerId"], "type": "frag", "tail": "end"}, msg
-    growth = await rss_after(proc) - base
     assert growth < 2 * 1024 * 1024, f"RSS grew {growth / 1048576:.1f} MiB for 6 MB of empty frames"
     await assert_still_healthy(server, a, b)
 
@@ -884,14 +891,14 @@ async def test_one_byte_fragments_cost_no_more_than_the_message(run_server):
     head = b'{"type":"frag","pad":"'
     ws.send(OP_TEXT, head, fin=False)
     await ws.drain()
-    base = await rss_after(proc)
+    base = await rss_when_read(proc, ws)
     for _ in range(65):
         ws.send_raw(b"".join(build_frame(OP_CONT, b"y", fin=False) for _ in range(1000)))
         await ws.drain()
+    growth = await rss_when_read(proc, ws) - base  # the message is still open here
     ws.send(OP_CONT, b'"}')
     msg = await b.next(timeout=30)
     assert msg["type"] == "frag" and msg["pad"] == "y" * 65_000, len(msg.get("pad", ""))
-    growth = await rss_after(proc) - base
     assert growth < 1536 * 1024, f"RSS grew {growth / 1048576:.2f} MiB for a 64 KB message"
     await assert_still_healthy(server, a, b)
 

@@ -156,8 +156,9 @@ class Front:
         self.port = cluster.balancer.port
 
     def url(self, query: str = "", path: str = "/signaling") -> str:
-        ws = "wss" if self.scheme == "wss" else "ws"
-        return f"{ws}://{self.host}:{self.port}{path}" + (f"?{query}" if query else "")
+        from tests.conftest import ws_url
+
+        return ws_url(self, query, path)
 
     def http(self, path: str) -> str:
         return f"http://{self.host}:{self.port}{path}"

@@ -29,6 +29,12 @@ from tests.cluster import Cluster, Front
 from tests.redis_server import RedisNotInstalled, RedisServer, unique_prefix
 
 
+def ws_url(where: Any, query: str = "", path: str = "/signaling") -> str:
+    """The WebSocket URL of anything with ``scheme``, ``host`` and ``port``."""
+    ws = "wss" if where.scheme == "wss" else "ws"
+    return f"{ws}://{where.host}:{where.port}{path}" + (f"?{query}" if query else "")
+
+
 class ServerProcess:
     """A ``rtcsignal serve`` child process; ``lines`` collects its JSON log lines."""
 
@@ -80,8 +86,7 @@ class ServerProcess:
                 self._cond.wait(left)
 
     def url(self, query: str = "", path: str = "/signaling") -> str:
-        ws = "wss" if self.scheme == "wss" else "ws"
-        return f"{ws}://{self.host}:{self.port}{path}" + (f"?{query}" if query else "")
+        return ws_url(self, query, path)
 
     def http(self, path: str) -> str:
         return f"http://{self.host}:{self.port}{path}"
@@ -99,8 +104,9 @@ class ServerProcess:
             raise
 
 
-@pytest.fixture
-def run_server() -> Iterator[Any]:
+@contextlib.contextmanager
+def spawner() -> Iterator[Any]:
+    """``start(*flags, env=None) -> ServerProcess``; every server started is stopped after."""
     servers: list[ServerProcess] = []
 
     def start(*flags: str, env: dict[str, str] | None = None) -> ServerProcess:
@@ -108,10 +114,18 @@ def run_server() -> Iterator[Any]:
         servers.append(server)
         return server
 
-    yield start
-    for server in servers:
-        with contextlib.suppress(Exception):
-            server.stop(signal.SIGKILL if server.proc.poll() is None else signal.SIGTERM, 5)
+    try:
+        yield start
+    finally:
+        for server in servers:
+            with contextlib.suppress(Exception):
+                server.stop(signal.SIGKILL if server.proc.poll() is None else signal.SIGTERM, 5)
+
+
+@pytest.fixture
+def run_server() -> Iterator[Any]:
+    with spawner() as start:
+        yield start
 
 
 @pytest.fixture
@@ -224,17 +238,8 @@ def run_topology(topology_kind: str, request: pytest.FixtureRequest) -> Iterator
 
         yield start_cluster
         return
-    servers: list[ServerProcess] = []
-
-    def start(*flags: str, env: dict[str, str] | None = None) -> ServerProcess:
-        server = ServerProcess(*flags, env=env)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        with contextlib.suppress(Exception):
-            server.stop(signal.SIGKILL if server.proc.poll() is None else signal.SIGTERM, 5)
+    with spawner() as start:
+        yield start
 
 
 @pytest.fixture

@@ -470,6 +470,23 @@ async def test_flood_is_rate_limited_then_closed_1008(run_server):
     await assert_still_healthy(server, a, b)
 
 
+async def non_reader(server: Any, room: str, until: bytes) -> tuple[socket.socket, bytes]:
+    """A client on a plain socket with a tiny receive buffer, upgraded into ``room``; it
+    reads until ``until`` has arrived (and the last message is complete), then never again."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.wait_for(loop.sock_connect(sock, (server.host, server.port)), TIMEOUT)
+    await loop.sock_sendall(sock, RawWS.request_bytes(f"room={room}"))
+    data = b""
+    while until not in data or not data.rstrip().endswith(b"}"):
+        chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), TIMEOUT)
+        assert chunk, data
+        data += chunk
+    return sock, data
+
+
 async def test_slow_reader_closed_1013_and_server_memory_bounded(run_server):
     """A client that never reads while a room is flooded: its send buffer passes
     --max-send-buffer, it is closed with 1013, and the server's RSS grows < 10 MiB over a
@@ -480,21 +497,8 @@ async def test_slow_reader_closed_1013_and_server_memory_bounded(run_server):
     proc = psutil.Process(server.proc.pid)
     room = unique("r")
     a, b = await healthy_pair(server, room, counted=frozenset({"flood"}))
-    loop = asyncio.get_running_loop()
-
-    # The non-reader: a plain socket with a tiny receive buffer; after reading its greeting
-    # it never calls recv again.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
+    sock, data = await non_reader(server, room, b'"peerId"')  # never reads after the greeting
     try:
-        await asyncio.wait_for(loop.sock_connect(sock, (server.host, server.port)), TIMEOUT)
-        await loop.sock_sendall(sock, RawWS.request_bytes(f"room={room}"))
-        data = b""
-        while b'"peerId"' not in data or not data.rstrip().endswith(b"}"):
-            chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), TIMEOUT)
-            assert chunk, data
-            data += chunk
         assert data.startswith(b"HTTP/1.1 101"), data
         body = data.split(b"\r\n\r\n", 1)[1]
         greeting = json.loads(body[2:2 + body[1]])
@@ -965,17 +969,8 @@ async def test_client_that_closes_and_never_reads_is_dropped_within_close_timeou
                         "--rate-burst-bytes", "1024m")
     room = unique("r")
     loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
+    sock, data = await non_reader(server, room, b'"joined"')
     try:
-        await asyncio.wait_for(loop.sock_connect(sock, (server.host, server.port)), TIMEOUT)
-        await loop.sock_sendall(sock, RawWS.request_bytes(f"room={room}"))
-        data = b""
-        while b'"joined"' not in data:
-            chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), TIMEOUT)
-            assert chunk, data
-            data += chunk
         slow_id = json.loads(data.split(b"\r\n\r\n", 1)[1][2:].split(b"\x81", 1)[0])["peerId"]
         flooder = await Peer.open(server.url(f"room={room}"), "F")
         await flooder.expect("joined")

@@ -45,9 +45,9 @@ class Broker(Protocol):
     #: True when other nodes may exist (the hub then publishes default-room messages too).
     shared: bool
 
-    def publish_room(self, room: str, data: bytes, sender: str, ref: Any) -> None:
-        """A relayed message (unframed JSON) for the members of ``room`` on other nodes;
-        ``room`` is "" for the default room."""
+    def publish_room(self, room: str, data: bytes, sender: str, ref: Any, nodes: int) -> None:
+        """A relayed message (unframed JSON) for the members of ``room`` on ``nodes`` other
+        nodes (0: unknown, the default room "" has no presence)."""
 
     def publish_peer(
         self, node: str, target: str, data: bytes, sender: str, rooms: list[str], ref: Any
@@ -77,7 +77,7 @@ class MemoryBroker:
         self.node = node
         self._seq = 0
 
-    def publish_room(self, room: str, data: bytes, sender: str, ref: Any) -> None:
+    def publish_room(self, room: str, data: bytes, sender: str, ref: Any, nodes: int) -> None:
         pass  # no remote member is ever reported, so the hub does not call this
 
     def publish_peer(

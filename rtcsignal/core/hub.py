@@ -100,8 +100,8 @@ class Room:
     version it joined at, so it is told only of events after its own snapshot. While the
     first local join is in flight, events wait in ``loading`` for the snapshot."""
 
-    __slots__ = ("joining", "loading", "members", "meta", "name", "presence", "remote", "seq",
-                 "since", "version")
+    __slots__ = ("joining", "loading", "members", "meta", "name", "nodes", "presence", "remote",
+                 "seq", "since", "version")
 
     def __init__(self, name: str, presence: bool = True) -> None:
         self.name = name
@@ -111,12 +111,37 @@ class Room:
         self.seq: dict[str, int] = {}
         self.since: dict[str, int] = {}
         self.remote: dict[str, Member] = {}
+        self.nodes: dict[str, int] = {}  # other nodes with members here -> how many
         self.version = 0
         self.loading: list[tuple[int, Member | None, str, str]] | None = None
         # Local peers whose join is in flight, with what the room's members got meanwhile
         # (version 0: after their join for sure; else a remote event's version), handed to
         # them right after their `joined`: they miss nothing issued after their join.
         self.joining: dict[str, list[tuple[int, bytes]]] = {}
+
+    def add_remote(self, member: Member) -> None:
+        self.remote[member.peer_id] = member
+        self.nodes[member.node] = self.nodes.get(member.node, 0) + 1
+
+    def drop_remote(self, peer_id: str) -> bool:
+        member = self.remote.pop(peer_id, None)
+        if member is None:
+            return False
+        left = self.nodes[member.node] - 1
+        if left:
+            self.nodes[member.node] = left
+        else:
+            del self.nodes[member.node]
+        return True
+
+    def in_join_order(self, others: Iterable[Member] = ()) -> list[tuple[str, dict[str, Any]]]:
+        """``(peer id, meta)`` of the local members and ``others``, in cluster join order."""
+        entries = [(self.seq[pid], pid, self.meta[pid]) for pid in self.members]
+        extra = [(m.seq, m.peer_id, m.meta) for m in others]
+        if extra:
+            entries += extra
+            entries.sort(key=lambda e: e[0])
+        return [(pid, meta) for _, pid, meta in entries]
 
 
 class Hooks:
@@ -246,28 +271,21 @@ class Hub:
         node = self.broker.node
         others = [m for m in remote if m.node != node]
         if room.loading is not None:  # first local member: the snapshot starts the mirror
-            room.remote = {m.peer_id: m for m in others}
+            for m in others:
+                room.add_remote(m)
             room.version = version
             pending, room.loading = room.loading, None
             for v, member, peer_id, reason in pending:
                 self._apply(room, v, member, peer_id, reason)
-        if room.remote or others:
-            entries = [(m.seq, m.peer_id, m.meta) for m in others]
-            entries += [(room.seq[pid], pid, room.meta[pid]) for pid in room.members]
-            entries.sort(key=lambda e: e[0])
-            snapshot = [{"peerId": pid, "meta": m, "polite": True} for _, pid, m in entries]
-        else:
-            snapshot = [
-                {"peerId": pid, "meta": room.meta[pid], "polite": True} for pid in room.members
-            ]
+        snapshot = [{"peerId": pid, "meta": m, "polite": True}
+                    for pid, m in room.in_join_order(others)]
         joined = {"type": "joined", "room": name, "peers": snapshot}
         peer.sink.send(self.frame(messages.reply(joined, ref)))
         for v, frame in room.joining.pop(peer.id, ()):
             if v == 0 or v > version:
                 peer.sink.send(frame)
         if room.members or room.joining:  # joiners whose snapshot has this one skip it
-            self._announce(room, {"type": "peer-joined", "room": name, "peerId": peer.id,
-                                  "meta": meta, "polite": False}, version)
+            self._announce(room, peer_joined(name, peer.id, meta), version)
         room.members[peer.id] = peer
         room.meta[peer.id] = meta
         room.seq[peer.id] = seq
@@ -325,8 +343,7 @@ class Hub:
         del peer.rooms[room.name]
         self.broker.leave(room.name, peer.id, reason)
         if room.members or room.joining:
-            self._announce(room, {"type": "peer-left", "room": room.name, "peerId": peer.id,
-                                  "reason": reason})
+            self._announce(room, peer_left(room.name, peer.id, reason))
         if not room.members and not room.joining and room.loading is None:
             del self.rooms[room.name]
         if not peer.rooms and self.lobby is not None and peer.id in self.peers:
@@ -389,20 +406,14 @@ class Hub:
             self.send_error(peer, exc)
             return
         if target is None:  # a room: local members here, the other nodes' through the broker
-            frame = self.frame(data)
-            n = 0
-            for member in room.members.values():  # type: ignore[union-attr]
-                if member is not peer:
-                    member.sink.send(frame)
-                    n += 1
-            if room.joining:  # type: ignore[union-attr]
-                for queued in room.joining.values():  # type: ignore[union-attr]
-                    queued.append((0, frame))
-            if room.remote or (self.shared and room is self.lobby):  # type: ignore[union-attr]
-                self.broker.publish_room(room.name, data, peer.id, obj.get("id"))  # type: ignore[union-attr]
-        elif type(target) is str:  # a peer of another node
-            self.broker.publish_peer(self._node_of(target, room), target, data, peer.id,
-                                     list(peer.rooms), obj.get("id"))
+            assert room is not None
+            n = self._deliver(room, self.frame(data), peer)
+            if room.nodes or (self.shared and room is self.lobby):
+                self.broker.publish_room(room.name, data, peer.id, obj.get("id"),
+                                         len(room.nodes))
+        elif type(target) is tuple:  # (node, peer id): a peer of another node
+            self.broker.publish_peer(target[0], target[1], data, peer.id, list(peer.rooms),
+                                     obj.get("id"))
             n = 1
         else:
             target.sink.send(self.frame(data))  # type: ignore[union-attr]
@@ -458,10 +469,12 @@ class Hub:
         else:
             self.leave(peer, obj.get("room"), ref)
 
-    def route(self, sender: Peer, obj: dict[str, Any]) -> tuple[Room | None, Peer | str | None]:
+    def route(
+        self, sender: Peer, obj: dict[str, Any]
+    ) -> tuple[Room | None, Peer | tuple[str, str] | None]:
         """Where a relayed message goes: ``(room, None)`` for a room's members (the caller
         skips the sender), ``(room_or_None, peer)`` for one local peer, or
-        ``(room_or_None, peer_id)`` for a peer of another node."""
+        ``(room_or_None, (node, peer_id))`` for a peer of another node."""
         room_name = obj.get("room")
         to = obj.get("to")
         ref = obj.get("id")
@@ -489,31 +502,28 @@ class Hub:
             raise MessageError(ErrorCode.INVALID_MESSAGE, "to must be a peer id string", ref)
         target = self.peers.get(to)
         if target is None:
-            if self.shared and self._may_be_remote(sender, to, room):
-                return room, to
+            node = self._remote_node(sender, to, room) if self.shared else None
+            if node is not None:
+                return room, (node, to)
             raise MessageError(ErrorCode.UNKNOWN_PEER, "no such peer in your rooms", ref)
         if target is sender or not self._share_room(sender, target, room):
             raise MessageError(ErrorCode.UNKNOWN_PEER, "no such peer in your rooms", ref)
         return room, target
 
-    def _may_be_remote(self, sender: Peer, to: str, room: Room | None) -> bool:
-        """Whether ``to`` may be a peer of another node that shares a room with ``sender``:
-        known from a room's mirror, or (default room: no presence) from its id's node
-        prefix, and then checked by that node."""
-        if room is not None:
-            return to in room.remote
-        if sender.rooms:
-            return any(to in r.remote for r in sender.rooms.values())
-        node = self.broker.node
-        return (self.lobby is not None and len(to) > len(node) and not to.startswith(node))
-
-    def _node_of(self, to: str, room: Room | None) -> str:
-        rooms = (room,) if room is not None else tuple(self.rooms.values())
-        for r in rooms:
+    def _remote_node(self, sender: Peer, to: str, room: Room | None) -> str | None:
+        """The node of ``to`` if it may be a peer of another node sharing a room with
+        ``sender``: from the mirror of ``room`` or of the sender's rooms, or (default room:
+        no presence) from its id's node prefix; that node checks."""
+        for r in (room,) if room is not None else sender.rooms.values():
             member = r.remote.get(to)
             if member is not None:
                 return member.node
-        return to[: len(self.broker.node)]
+        node = self.broker.node
+        if room is None and not sender.rooms and self.lobby is not None and len(to) > len(
+            node
+        ) and not to.startswith(node):
+            return to[: len(node)]
+        return None
 
     def _share_room(self, a: Peer, b: Peer, room: Room | None) -> bool:
         if room is not None:
@@ -529,12 +539,7 @@ class Hub:
         room = self.lobby if room_name == "" else self.rooms.get(room_name)
         if room is None:
             return 0
-        frame = self.frame(data)
-        for member in room.members.values():
-            member.sink.send(frame)
-        for queued in room.joining.values():
-            queued.append((0, frame))
-        return len(room.members)
+        return self._deliver(room, self.frame(data))
 
     def remote_direct(self, target: str, data: bytes, sender: str, rooms: list[str],
                       ref: Any, origin: str) -> bool:
@@ -578,14 +583,12 @@ class Hub:
         if member is not None:
             if member.node == self.broker.node or member.peer_id in room.remote:
                 return
-            room.remote[member.peer_id] = member
-            event = {"type": "peer-joined", "room": room.name, "peerId": member.peer_id,
-                     "meta": member.meta, "polite": False}
+            room.add_remote(member)
+            event = peer_joined(room.name, member.peer_id, member.meta)
         else:
-            if room.remote.pop(peer_id, None) is None:
+            if not room.drop_remote(peer_id):
                 return
-            event = {"type": "peer-left", "room": room.name, "peerId": peer_id,
-                     "reason": reason}
+            event = peer_left(room.name, peer_id, reason)
         self._announce(room, event, version)
 
     def repair_room(self, room_name: str, present: dict[str, Member],
@@ -597,15 +600,12 @@ class Hub:
         if room is None or room.loading is not None:
             return
         for pid in [p for p in room.remote if p not in present and p not in grace]:
-            del room.remote[pid]
-            self._announce(room, {
-                "type": "peer-left", "room": room_name, "peerId": pid, "reason": "timeout"})
+            room.drop_remote(pid)
+            self._announce(room, peer_left(room_name, pid, "timeout"))
         for pid, member in present.items():
             if pid not in room.remote:
-                room.remote[pid] = member
-                self._announce(room, {
-                    "type": "peer-joined", "room": room_name, "peerId": pid,
-                    "meta": member.meta, "polite": False})
+                room.add_remote(member)
+                self._announce(room, peer_joined(room_name, pid, member.meta))
 
     # --- sending ----------------------------------------------------------------------
 
@@ -616,6 +616,19 @@ class Hub:
             log.info("error", extra={"fields": {
                 "peer": peer.id, "addr": peer.address, "code": exc.code}})
         peer.sink.send(self.frame(messages.error(exc.code, exc.message, exc.ref)))
+
+    def _deliver(self, room: Room, frame: bytes, skip: Peer | None = None) -> int:
+        """A relayed frame to a room's local members (but ``skip``) and to its local
+        joiners in flight; returns how many members got it."""
+        n = 0
+        for member in room.members.values():
+            if member is not skip:
+                member.sink.send(frame)
+                n += 1
+        if room.joining:
+            for queued in room.joining.values():
+                queued.append((0, frame))
+        return n
 
     def _announce(self, room: Room, obj: dict[str, Any], version: int = 0) -> None:
         """A presence event for a room's local members (those who joined before
@@ -657,10 +670,17 @@ class Hub:
         room = self.rooms.get(name)
         if room is None:
             return []
-        entries = [(room.seq[pid], pid, room.meta[pid]) for pid in room.members]
-        entries += [(m.seq, m.peer_id, m.meta) for m in room.remote.values()]
-        entries.sort(key=lambda e: e[0])
-        return [{"peerId": pid, "meta": meta} for _, pid, meta in entries]
+        return [{"peerId": pid, "meta": meta}
+                for pid, meta in room.in_join_order(room.remote.values())]
+
+
+def peer_joined(room: str, peer_id: str, meta: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "peer-joined", "room": room, "peerId": peer_id, "meta": meta,
+            "polite": False}
+
+
+def peer_left(room: str, peer_id: str, reason: str) -> dict[str, Any]:
+    return {"type": "peer-left", "room": room, "peerId": peer_id, "reason": reason}
 
 
 def _ref_of(text: bytes | None) -> Any:

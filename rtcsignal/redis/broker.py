@@ -47,8 +47,6 @@ PROBE_TIMEOUT = 3.0
 #: Reconnect backoff: doubles from RETRY_MIN to RETRY_MAX, with +-50% jitter.
 RETRY_MIN = 0.1
 RETRY_MAX = 2.0
-#: Seconds between refreshes of the cluster client count (the greeting's clientsCount).
-COUNT_INTERVAL = 1.0
 #: Seconds ``start`` waits for Redis before the server listens anyway, unready.
 STARTUP_WAIT = 3.0
 
@@ -155,7 +153,6 @@ class RedisBroker:
         self._retry: list[tuple[Any, ...]] = []  # leaves that failed: run again on reconnect
         self._absent: dict[tuple[str, str], float] = {}  # (room, peer) -> missing since
         self._repairing: asyncio.Future[None] | None = None  # mirror members missing at the last repair
-        self._join_sha = self._leave_sha = self._reap_sha = ""
 
     # --- names --------------------------------------------------------------------------
 
@@ -216,12 +213,11 @@ class RedisBroker:
 
     # --- the Broker interface (synchronous; work is queued) ------------------------------
 
-    def publish_room(self, room: str, data: bytes, sender: str, ref: Any) -> None:
+    def publish_room(self, room: str, data: bytes, sender: str, ref: Any, nodes: int) -> None:
         header = orjson.dumps({"k": "R", "o": self.node, "r": room})
         # Every instance with members in the room, ourselves included, must receive it; the
         # default room has no presence, so there nothing is expected.
-        mirror = self.hub.rooms.get(room) if room else None
-        expected = 1 + len({m.node for m in mirror.remote.values()}) if mirror else 0
+        expected = 1 + nodes if nodes else 0
 
         def check(result: Any) -> None:
             if isinstance(result, Exception) or int(result) < expected:
@@ -256,8 +252,8 @@ class RedisBroker:
 
         def finish(result: Any) -> None:
             if isinstance(result, Exception) or int(result[0]) < 0:
-                if self.leave_local(room) <= 0 and channel in self._channels:
-                    self._queue(("PING",), None, unsubscribe=channel)
+                if self.leave_local(room) <= 0:
+                    self._unsubscribe(channel)
                 if isinstance(result, Exception):
                     failed(ErrorCode.BROKER_UNAVAILABLE, "the cluster is unreachable; try again")
                 else:
@@ -273,7 +269,8 @@ class RedisBroker:
                 members.append(Member(pid, e["m"], e["n"], int(e["s"])))
             done(members, version, version)
 
-        self._queue(args, finish, subscribe=channel)
+        self._subscribe(channel)
+        self._queue(args, finish)
 
     def leave_local(self, room: str) -> int:
         """One local member fewer in ``room``; returns how many are left."""
@@ -289,8 +286,9 @@ class RedisBroker:
         p = self.prefix
         channel = self._room_channel(room)
         self._queue(("EVAL", LEAVE, 3, f"{p}:p:{room}", f"{p}:v", f"{p}:nr:{self.node}", peer,
-                     reason, room, channel, self.node, "1" if left <= 0 else "0", "PUBLISH"), None,
-                    unsubscribe=channel if left <= 0 else None)
+                     reason, room, channel, self.node, "1" if left <= 0 else "0", "PUBLISH"), None)
+        if left <= 0:
+            self._unsubscribe(channel)
 
     def clients(self, local: int) -> int:
         return local + self._others
@@ -310,17 +308,21 @@ class RedisBroker:
 
     # --- internals: the ordered write queue -----------------------------------------------
 
-    def _queue(self, args: tuple[Any, ...], done: Done | None, subscribe: bytes | None = None,
-               unsubscribe: bytes | None = None) -> None:
-        if subscribe is not None and subscribe not in self._channels:
-            self._channels.add(subscribe)
-            self._ops.append((("SUBSCRIBE", subscribe), None))
+    def _queue(self, args: tuple[Any, ...], done: Done | None) -> None:
         self._ops.append((args, done))
-        if unsubscribe is not None and unsubscribe in self._channels:
-            self._channels.discard(unsubscribe)
-            self._ops.append((("UNSUBSCRIBE", unsubscribe), None))
         if self._wake is not None:
             self._wake.set()
+
+    def _subscribe(self, channel: bytes) -> None:
+        """In queue order: commands queued after it run once Redis confirmed it."""
+        if channel not in self._channels:
+            self._channels.add(channel)
+            self._queue(("SUBSCRIBE", channel), None)
+
+    def _unsubscribe(self, channel: bytes) -> None:
+        if channel in self._channels:
+            self._channels.discard(channel)
+            self._queue(("UNSUBSCRIBE", channel), None)
 
     def _refuse(self, sender: str, ref: Any, result: Any) -> None:
         self.stats["publish_errors"] += 1

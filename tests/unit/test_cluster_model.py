@@ -65,7 +65,7 @@ class BusBroker:
     def _others(self, room: str) -> list[str]:
         return [n for n in NODES if n != self.node and self.bus.subscribed(n, room)]
 
-    def publish_room(self, room: str, data: bytes, sender: str, ref: Any) -> None:
+    def publish_room(self, room: str, data: bytes, sender: str, ref: Any, nodes: int) -> None:
         for n in self._others(room):
             hub = self.bus.hubs[n]
             self.bus.inbox[n].append(lambda hub=hub: hub.remote_relay(room, data))

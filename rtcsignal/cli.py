@@ -4,12 +4,34 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 
 from rtcsignal import logs
-from rtcsignal.config import SETTINGS, Config, ConfigError, load_config
+from rtcsignal.config import BY_NAME, SETTINGS, Config, ConfigError, Setting, load_config
+from rtcsignal.configfile import allowed, flag_value
+
+
+def metavar(s: Setting) -> str:
+    """What the flag's value looks like, so the usage line says more than VALUE."""
+    text = allowed(s)
+    if text.startswith("one of "):
+        return "{" + text.removeprefix("one of ").replace(", ", ",") + "}"
+    default = s.default
+    if isinstance(default, tuple):
+        return "LIST"
+    if "size" in text:
+        return "SIZE"
+    if "auto" in text:
+        return "N|auto"
+    if isinstance(default, int | float):
+        return "SECONDS" if s.help.startswith("seconds") else "N"
+    if "URL" in text:
+        return "PATH" if "path" in text else "URL"
+    return "FILE" if s.name.endswith("file") else "TEXT"
 
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
@@ -18,12 +40,15 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
         if s.group not in groups:
             groups[s.group] = parser.add_argument_group(s.group)
         group = groups[s.group]
-        help_text = f"{s.help} (env {s.env}; default {s.default!r})"
+        kind = ("A flag without a value (true or false in env and file)" if s.flag_only_true
+                else f"Allowed: {allowed(s)}")
+        help_text = (f"{s.help}. {kind}. Default: {flag_value(s.default)}. "
+                     f"Env {s.env}.").replace("%", "%%")
         if s.flag_only_true:
             group.add_argument(s.flag, dest=s.name, action="store_const", const=True,
                                default=None, help=help_text)
         else:
-            group.add_argument(s.flag, dest=s.name, default=None, metavar="VALUE",
+            group.add_argument(s.flag, dest=s.name, default=None, metavar=metavar(s),
                                help=help_text)
 
 
@@ -31,13 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtcsignal", description="WebRTC signaling server")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the server")
-    serve.add_argument("--config", help="TOML settings file (env RTCSIGNAL_CONFIG)")
+    serve.add_argument("--config", metavar="FILE",
+                       help="TOML settings file (env RTCSIGNAL_CONFIG); flags and env override it")
     _add_settings(serve)
     token = sub.add_parser("token", help="mint a test JWT with the configured HMAC secret")
-    token.add_argument("--sub", required=True, help="subject (user id)")
-    token.add_argument("--rooms", default=None, help="comma list of rooms or prefix* patterns")
-    token.add_argument("--ttl", type=int, default=3600, help="seconds until exp")
-    token.add_argument("--config", help="TOML settings file")
+    token.add_argument("--sub", required=True, metavar="TEXT", help="subject (user id)")
+    token.add_argument("--rooms", default=None, metavar="LIST",
+                       help="comma list of rooms or prefix* patterns. Default: any room")
+    token.add_argument("--ttl", type=int, default=3600, metavar="SECONDS",
+                       help="seconds until exp. Default: 3600")
+    token.add_argument("--config", metavar="FILE", help="TOML settings file")
     _add_settings(token)
     return parser
 
@@ -138,10 +166,30 @@ def _token(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def bind_error(config: Config, exc: OSError) -> str | None:
+    """The setting to blame when the listening socket cannot be had, as one line; None when
+    ``exc`` is not about the listening address."""
+    port, host = BY_NAME["port"], BY_NAME["host"]
+    where = f"{config.host}:{config.port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (f"port: {where} is already in use; choose another with {port.flag} "
+                f"(env {port.env}) or stop what listens there")
+    if exc.errno == errno.EACCES and exc.filename is None:
+        return (f"port: not allowed to listen on {where} (ports below 1024 need root or "
+                f"CAP_NET_BIND_SERVICE); choose another with {port.flag}")
+    if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+        why = ("no such host name" if isinstance(exc, socket.gaierror)
+               else "not an address of this machine")
+        return (f"host: cannot listen on {config.host!r}, {why}; choose another with "
+                f"{host.flag} (env {host.env})")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(join_dash_values(parser, argv))
+    config: Config | None = None
     try:
         config = _resolve(args)
         if args.command == "token":
@@ -151,5 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rtcsignal: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
+        message = bind_error(config, exc) if config is not None else None
+        if message is not None:  # a setting's fault, like a bad value: exit 2
+            print(f"rtcsignal: {message}", file=sys.stderr)
+            return 2
         print(f"rtcsignal: cannot start: {exc}", file=sys.stderr)
         return 1

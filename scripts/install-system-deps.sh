@@ -39,33 +39,58 @@ apt-get install -y -qq --no-install-recommends $missing
 restore_policy
 trap - EXIT
 
-# pid_running PIDFILE NAME: the pid in PIDFILE is a live process called NAME.
-pid_running() {
-    [ -r "$1" ] || return 1
-    pid=$(cat "$1" 2>/dev/null) || return 1
-    case "$pid" in '' | *[!0-9]*) return 1 ;; esac
-    [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm")" = "$2" ]
+# service_pids NAME: the running processes of NAME's packaged system service, told apart from
+# the private copies the tests start (those run as root with their own -p/-c or config file):
+# redis-server running as the redis user, an nginx master on the default /etc/nginx/nginx.conf
+# (its title is "nginx: master process /usr/sbin/nginx" plus, under systemd, "-g daemon on;
+# master_process on;"). Reads /proc, so it needs neither pgrep nor a pidfile.
+service_pids() {
+    for dir in /proc/[0-9]*; do
+        [ "$(cat "$dir/comm" 2>/dev/null)" = "$1" ] || continue
+        case "$1" in
+        redis-server)
+            [ "$(stat -c %U "$dir" 2>/dev/null)" = redis ] && echo "${dir#/proc/}" ;;
+        nginx)
+            title=$(tr '\0' ' ' <"$dir/cmdline" 2>/dev/null | sed 's/ *$//')
+            case "$title" in
+            "nginx: master process /usr/sbin/nginx" | "nginx: master process /usr/sbin/nginx -g "*)
+                echo "${dir#/proc/}" ;;
+            esac ;;
+        esac
+    done
 }
 
-# stop_service UNIT PIDFILE NAME: stop (and keep from starting at boot) a packaged service.
+# stop_service UNIT NAME: stop the packaged service UNIT (process NAME) and keep it from
+# starting at boot; fails if one of its processes is still running afterwards.
 stop_service() {
     if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
         systemctl disable --now "$1" >/dev/null 2>&1 || true
-    elif [ -x "/etc/init.d/$1" ] && command -v service >/dev/null 2>&1; then
-        pid_running "$2" "$3" && { service "$1" stop >/dev/null 2>&1 || true; }
+    else
+        if [ -n "$(service_pids "$2")" ] && command -v service >/dev/null 2>&1; then
+            service "$1" stop >/dev/null 2>&1 || true
+        fi
+        if command -v update-rc.d >/dev/null 2>&1; then
+            update-rc.d "$1" disable >/dev/null 2>&1 || true
+        fi
     fi
-    if pid_running "$2" "$3"; then
-        kill "$(cat "$2")" 2>/dev/null || true
+    pids=$(service_pids "$2")
+    if [ -n "$pids" ]; then
+        # shellcheck disable=SC2086
+        kill $pids 2>/dev/null || true
         i=0
-        while pid_running "$2" "$3" && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
-        if pid_running "$2" "$3"; then kill -9 "$(cat "$2")" 2>/dev/null || true; fi
+        while [ -n "$(service_pids "$2")" ] && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+        pids=$(service_pids "$2")
+        # shellcheck disable=SC2086
+        if [ -n "$pids" ]; then kill -9 $pids 2>/dev/null || true; sleep 0.2; fi
     fi
-    if pid_running "$2" "$3"; then
-        echo "install-system-deps: could not stop the system $1 service" >&2
+    if [ -n "$(service_pids "$2")" ]; then
+        echo "install-system-deps: could not stop the system $1 service (pids: $(service_pids "$2" | tr '\n' ' '))" >&2
         return 1
     fi
 }
 
-case " $missing " in *" redis-server "*) stop_service redis-server /run/redis/redis-server.pid redis-server ;; esac
-case " $missing " in *" nginx "*) stop_service nginx /run/nginx.pid nginx ;; esac
-exit 0
+status=0
+case " $missing " in *" redis-server "*) stop_service redis-server redis-server || status=1 ;; esac
+case " $missing " in *" nginx "*) stop_service nginx nginx || status=1 ;; esac
+[ "$status" -eq 0 ] && echo "install-system-deps: installed$missing (their system services left stopped and disabled)" >&2
+exit "$status"

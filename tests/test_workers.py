@@ -77,7 +77,7 @@ def test_workers_without_broker_exit_2_with_one_line():
     assert len(lines) == 1 and "--broker" in lines[0], lines
 
 
-def test_port_taken_exits_1_before_any_worker_starts():
+def test_port_taken_exits_2_before_any_worker_starts():
     with socket.socket() as taken:  # no SO_REUSEPORT: nobody may share it
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -87,9 +87,9 @@ def test_port_taken_exits_1_before_any_worker_starts():
              "--port", str(port), "--log-format", "json"],
             capture_output=True, text=True, timeout=30,
         )
-    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert out.returncode == 2, (out.stdout, out.stderr)  # a setting's fault (--port)
     assert "worker started" not in out.stderr
-    assert out.stderr.splitlines()[-1].startswith("rtcsignal: cannot start:"), out.stderr
+    assert out.stderr.splitlines()[-1].startswith("rtcsignal: port:"), out.stderr
 
 
 def test_a_worker_that_cannot_start_stops_the_supervisor_with_its_status(tmp_path):

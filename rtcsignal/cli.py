@@ -1,4 +1,4 @@
-"""Command line: ``rtcsignal serve`` and ``rtcsignal token``; flags derive from config.SETTINGS."""
+"""Command line: ``rtcsignal serve``, ``token`` and ``config``; flags derive from config.SETTINGS."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import asyncio
 import errno
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Sequence
 
 from rtcsignal import logs
 from rtcsignal.config import BY_NAME, SETTINGS, Config, ConfigError, Setting, load_config
-from rtcsignal.configfile import allowed, flag_value
+from rtcsignal.configfile import allowed, effective, example, flag_value
 
 
 def metavar(s: Setting) -> str:
@@ -67,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds until exp. Default: 3600")
     token.add_argument("--config", metavar="FILE", help="TOML settings file")
     _add_settings(token)
+    config = sub.add_parser("config", help="print an example settings file, or check one")
+    actions = config.add_subparsers(dest="config_command", required=True)
+    actions.add_parser("example", help="print a commented TOML settings file with every "
+                       "setting at its default")
+    check = actions.add_parser(
+        "check", help="validate a settings file as serve would read it (with RTCSIGNAL_* and "
+        "these flags over it) and print the effective settings, secrets masked")
+    check.add_argument("config", nargs="?", metavar="FILE",
+                       help="TOML settings file (default: env RTCSIGNAL_CONFIG)")
+    _add_settings(check)
     return parser
 
 
@@ -81,11 +92,21 @@ def join_dash_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -> li
     as the value. Anything else is left for argparse to accept or refuse as before.
     """
     argv = list(argv)
-    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    start = next((i for i, arg in enumerate(argv) if arg in subparsers.choices), None)
-    if start is None:
+    start = -1
+    chosen = parser
+    while True:  # down to the innermost subcommand named (``config check``)
+        subparsers = next((a for a in chosen._actions
+                           if isinstance(a, argparse._SubParsersAction)), None)
+        if subparsers is None:
+            break
+        found = next((i for i in range(start + 1, len(argv))
+                      if argv[i] in subparsers.choices), None)
+        if found is None:
+            break
+        start, chosen = found, subparsers.choices[argv[found]]
+    if start < 0:
         return argv
-    options = subparsers.choices[argv[start]]._option_string_actions
+    options = chosen._option_string_actions
     longs = [opt for opt in options if opt.startswith("--")]
 
     def long_option(arg: str) -> argparse.Action | None:
@@ -166,6 +187,26 @@ def _token(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(config: Config) -> int:
+    """``config check``: what serve checks before it binds (building the service reads the
+    JWT keys and origin patterns), plus the TLS files, which serve reads only as it binds."""
+    from rtcsignal.server.service import SignalingService
+
+    service = SignalingService(config)
+    if config.certfile:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ctx.load_cert_chain(config.certfile, config.keyfile)
+        except OSError as exc:  # ssl.SSLError included
+            reason = exc.strerror or getattr(exc, "reason", None) or exc
+            raise ConfigError(f"certfile: cannot load {config.certfile} with keyfile "
+                              f"{config.keyfile}: {reason}") from None
+    for line in service.admission.warnings():
+        print(f"rtcsignal: warning: {line}", file=sys.stderr)
+    sys.stdout.write(effective(config))
+    return 0
+
+
 def bind_error(config: Config, exc: OSError) -> str | None:
     """The setting to blame when the listening socket cannot be had, as one line; None when
     ``exc`` is not about the listening address."""
@@ -189,11 +230,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(join_dash_values(parser, argv))
+    if args.command == "config" and args.config_command == "example":
+        sys.stdout.write(example())
+        return 0
     config: Config | None = None
     try:
         config = _resolve(args)
         if args.command == "token":
             return _token(config, args)
+        if args.command == "config":
+            return _check(config)
         return _serve(config, argv)
     except ConfigError as exc:
         print(f"rtcsignal: {exc}", file=sys.stderr)

@@ -8,6 +8,7 @@ one way to set each thing. Precedence: flag > environment > file > default.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import os
 import tomllib
@@ -25,9 +26,9 @@ class ConfigError(ValueError):
 
 def _int(lo: int, hi: int | None = None) -> Callable[[Any], int]:
     def parse(v: Any) -> int:
-        if isinstance(v, bool):
+        if isinstance(v, bool) or not isinstance(v, int | str):  # a TOML 1.5 is not 1
             raise ValueError
-        n = int(v, 0) if isinstance(v, str) else int(v)
+        n = int(v, 0) if isinstance(v, str) else v
         if n < lo or (hi is not None and n > hi):
             raise ValueError
         return n
@@ -63,7 +64,9 @@ def _choice(*names: str) -> Callable[[Any], str]:
 def _bool(v: Any) -> bool:
     if isinstance(v, bool):
         return v
-    s = str(v).strip().lower()
+    if not isinstance(v, str):  # a TOML 1 or [] is not a boolean
+        raise ValueError
+    s = v.strip().lower()
     if s in ("1", "true", "yes", "on"):
         return True
     if s in ("0", "false", "no", "off", ""):
@@ -95,7 +98,9 @@ _path_setting.allowed = "a URL path starting with / (no spaces, ? or #)"  # type
 
 def _list(v: Any) -> tuple[str, ...]:
     if isinstance(v, list | tuple):
-        items = [str(x).strip() for x in v]
+        if not all(isinstance(x, str) for x in v):  # a TOML [1] is not a list of names
+            raise ValueError
+        items = [x.strip() for x in v]
     elif isinstance(v, str):
         items = [x.strip() for x in v.split(",")]
     else:
@@ -457,11 +462,18 @@ def load_config(
             raise ConfigError(f"config: cannot read {file}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config: {file} is not valid TOML: {exc}") from None
-        data = data.get("rtcsignal", data)
+        if isinstance(data.get("rtcsignal"), dict):  # all under [rtcsignal], or none
+            stray = next((k for k in data if k != "rtcsignal"), None)
+            if stray is not None:
+                raise ConfigError(f"config: unknown setting {stray!r} in {file}: with a "
+                                  "[rtcsignal] table, every setting goes in it")
+            data = data["rtcsignal"]
         for key, raw in data.items():
             s = BY_NAME.get(key.replace("-", "_"))
             if s is None:
-                raise ConfigError(f"config: unknown setting {key!r} in {file}")
+                close = difflib.get_close_matches(key.replace("-", "_"), BY_NAME, 1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"config: unknown setting {key!r} in {file}{hint}")
             values[s.name] = _parse_one(s, raw, f"file {file}")
     for s in SETTINGS:
         if s.env in env:

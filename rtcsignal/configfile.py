@@ -8,6 +8,7 @@ help, the example file and the check output without an edit here.
 from __future__ import annotations
 
 import re
+import textwrap
 from typing import Any
 
 from rtcsignal.config import SETTINGS, Config, Setting
@@ -78,6 +79,11 @@ def allowed(setting: Setting) -> str:
     return getattr(setting.parse, "allowed", "a valid value")
 
 
+def _comment(text: str) -> list[str]:
+    return textwrap.wrap(text, 96, initial_indent="# ", subsequent_indent="#   ",
+                         break_on_hyphens=False, break_long_words=False)
+
+
 def _groups() -> dict[str, list[Setting]]:
     groups: dict[str, list[Setting]] = {}
     for s in SETTINGS:
@@ -97,9 +103,11 @@ def example() -> str:
         "# override this file. Check a file with: rtcsignal config check FILE",
     ]
     for group, settings in _groups().items():
-        lines += ["", f"# --- {group}"]
+        lines += ["", f"# === {group}"]
         for s in settings:
-            lines.append(f"# {s.help}; {allowed(s)}. Flag {s.flag}, env {s.env}.")
+            lines.append("")
+            lines += _comment(f"{s.help}.")
+            lines += _comment(f"Allowed: {allowed(s)}. Flag {s.flag}, env {s.env}.")
             if is_secret(s):
                 lines.append(f'# {s.name} = "<{s.name.replace("_", "-")}>"')
             else:

@@ -1,4 +1,5 @@
-"""Plain HTTP routes served on the WebSocket port: health, readiness, metrics, test page."""
+"""Plain HTTP routes served on the WebSocket port: health, readiness, metrics, the demo page
+and the browser client (``/rtcsignal.js`` with its ``/rtcsignal.d.ts``)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,23 @@ JSON = "application/json"
 Answer = tuple[int, bytes, str, dict[str, str]]
 
 
+PAGE_CSP = ("default-src 'self'; connect-src 'self' ws: wss:; "
+            "style-src 'unsafe-inline'; script-src 'self' 'unsafe-inline'")
+# The browser client may be imported from other origins (module scripts are fetched with CORS).
+SHARED = {"Access-Control-Allow-Origin": "*"}
+# path -> (file in rtcsignal/static, Content-Type, extra headers)
+STATIC: dict[str, tuple[str, str, dict[str, str]]] = {
+    "/test-signaling.html": ("test-signaling.html", "text/html; charset=utf-8",
+                             {"Content-Security-Policy": PAGE_CSP}),
+    "/rtcsignal.js": ("rtcsignal.js", "text/javascript; charset=utf-8",
+                      {**SHARED, "X-TypeScript-Types": "/rtcsignal.d.ts"}),
+    "/rtcsignal.d.ts": ("rtcsignal.d.ts", "application/typescript; charset=utf-8", SHARED),
+}
+
+
 @cache
-def test_page() -> bytes:
-    return resources.files("rtcsignal").joinpath("static/test-signaling.html").read_bytes()
+def static_file(name: str) -> bytes:
+    return resources.files("rtcsignal").joinpath("static", name).read_bytes()
 
 
 def handle(
@@ -47,11 +62,9 @@ def handle(
         return 200, b'{"status":"ready"}', JSON, {}
     if path == "/metrics":
         return 200, metrics.render().encode(), "text/plain; version=0.0.4", {}
-    if path == "/test-signaling.html":
-        return 200, test_page(), "text/html; charset=utf-8", {
-            "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:; "
-            "style-src 'unsafe-inline'; script-src 'unsafe-inline'",
-        }
+    if path in STATIC:
+        name, content_type, headers = STATIC[path]
+        return 200, static_file(name), content_type, headers
     if path == "/ice-servers":
         admitted = admission.authenticate(request, address, now)
         servers = ice_servers(config, admitted.user or "anonymous", time.time())

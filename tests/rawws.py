@@ -55,6 +55,19 @@ def build_frame(
     return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
+def split_frame(data: bytes) -> tuple[int, bytes, bytes]:
+    """``(opcode, payload, rest)`` of the unmasked server frame at the start of ``data``."""
+    n = data[1] & 0x7F
+    head = 2
+    if n == 126:
+        (n,) = struct.unpack("!H", data[2:4])
+        head = 4
+    elif n == 127:
+        (n,) = struct.unpack("!Q", data[2:10])
+        head = 10
+    return data[0] & 0x0F, data[head:head + n], data[head + n:]
+
+
 def close_code(payload: bytes) -> int | None:
     """The status code of a close frame body (None when the body is empty)."""
     return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None

@@ -117,9 +117,10 @@ async def test_default_room_spans_instances(make_cluster):
 async def test_sigkill_of_one_instance_announces_each_lost_peer_once(make_cluster):
     """Two members on each of three instances; instance 2 is SIGKILLed. Within
     --presence-ttl every surviving member gets exactly one peer-left (timeout) per lost
-    peer, and a later joiner's snapshot holds no ghost."""
+    peer, and a later joiner's snapshot holds no ghost. (Resume off: with it, the
+    peer-left waits for the resume window too; tests/test_resume.py.)"""
     ttl = 2.0
-    cluster = make_cluster(3, "--presence-ttl", str(ttl))
+    cluster = make_cluster(3, "--presence-ttl", str(ttl), "--resume-window", "0")
     members: list[tuple[ClientConnection, str, int]] = []
     for i in (0, 1, 2, 0, 1, 2):
         ws, pid, _ = await member(cluster.urls[i], "crash")
@@ -297,7 +298,7 @@ async def test_worker_sigkilled_under_workers_2_is_restarted_and_its_peers_annou
 
     ttl = 2.0
     server = run_server("--workers", "2", "--broker", redis_server.url, "--broker-prefix",
-                        broker_prefix, "--presence-ttl", str(ttl))
+                        broker_prefix, "--presence-ttl", str(ttl), "--resume-window", "0")
     await asyncio.to_thread(server.wait_for, lambda e: e.get("event") == "listening"
                             and "workers" in e, 15)
     clients: list[tuple[ClientConnection, str, int]] = []

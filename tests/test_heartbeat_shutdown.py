@@ -22,7 +22,8 @@ async def wait_exit(server, timeout: float) -> int:
 
 
 async def test_unanswered_pings_terminate_within_three_intervals(run_server):
-    server = run_server("--heartbeat-interval", str(INTERVAL))
+    # Resume off: a dropped peer is announced at once (with it, after the window).
+    server = run_server("--heartbeat-interval", str(INTERVAL), "--resume-window", "0")
     healthy, _ = await open_client(server.url("room=hb"))
     assert (await recv_json(healthy))["type"] == "joined"
     clock, _ = await RawWS.open(server.host, server.port, auto_pong=True)

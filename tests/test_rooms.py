@@ -530,7 +530,8 @@ async def test_no_default_room(run_server: Any) -> None:
 
 
 async def test_peer_left_timeout_when_pings_go_unanswered(run_server: Any) -> None:
-    srv = run_server("--heartbeat-interval", "0.3")
+    # The dropped peer's session is kept for the resume window, then announced left.
+    srv = run_server("--heartbeat-interval", "0.3", "--resume-window", "0.5")
     room = unique("hb")
     a = await open_client(room_url(srv.url(), room), "a")  # answers pings (websockets)
     await a.expect("joined")
@@ -700,7 +701,7 @@ async def test_service_hooks(make_service: Any) -> None:
 
 
 async def test_service_on_disconnect_timeout(make_service: Any) -> None:
-    svc = await make_service(heartbeat_interval=0.2)
+    svc = await make_service(heartbeat_interval=0.2, resume_window=0.2)
     gone: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
     svc.hooks.on_disconnect = lambda peer, reason: gone.put_nowait((peer.id, reason))
     room = unique("hb")

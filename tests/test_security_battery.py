@@ -43,6 +43,7 @@ from tests.rawws import (
     OP_TEXT,
     RawWS,
     build_frame,
+    split_frame,
 )
 
 TIMEOUT = 5.0
@@ -491,17 +492,17 @@ async def test_slow_reader_closed_1013_and_server_memory_bounded(run_server):
     """A client that never reads while a room is flooded: its send buffer passes
     --max-send-buffer, it is closed with 1013, and the server's RSS grows < 10 MiB over a
     10 s flood; the readers in the room get every message, the healthy pair stays fast."""
+    # 1013 keeps the session for the resume window (its mailbox is bounded too): 1 s here.
     server = run_server("--max-send-buffer", "256k", "--rate-limit", "1000000",
                         "--rate-burst", "1000000", "--rate-limit-bytes", "1024m",
-                        "--rate-burst-bytes", "1024m")
+                        "--rate-burst-bytes", "1024m", "--resume-window", "1")
     proc = psutil.Process(server.proc.pid)
     room = unique("r")
     a, b = await healthy_pair(server, room, counted=frozenset({"flood"}))
     sock, data = await non_reader(server, room, b'"peerId"')  # never reads after the greeting
     try:
         assert data.startswith(b"HTTP/1.1 101"), data
-        body = data.split(b"\r\n\r\n", 1)[1]
-        greeting = json.loads(body[2:2 + body[1]])
+        greeting = json.loads(split_frame(data.split(b"\r\n\r\n", 1)[1])[1])
         slow_id = greeting["peerId"]
         for p in (a, b):
             seen = await p.expect("peer-joined")
@@ -971,7 +972,7 @@ async def test_client_that_closes_and_never_reads_is_dropped_within_close_timeou
     loop = asyncio.get_running_loop()
     sock, data = await non_reader(server, room, b'"joined"')
     try:
-        slow_id = json.loads(data.split(b"\r\n\r\n", 1)[1][2:].split(b"\x81", 1)[0])["peerId"]
+        slow_id = json.loads(split_frame(data.split(b"\r\n\r\n", 1)[1])[1])["peerId"]
         flooder = await Peer.open(server.url(f"room={room}"), "F")
         await flooder.expect("joined")
         pad = "x" * 60_000

@@ -64,6 +64,12 @@ class Broker(Protocol):
 
     def leave(self, room: str, peer: str, reason: str) -> None: ...
 
+    def forget(self, room: str) -> None:
+        """One local member of ``room`` fewer, without a leave: it moved to another node."""
+
+    def ended(self, peer: str) -> None:
+        """``peer``'s session is over (its resume token no longer works anywhere)."""
+
     def clients(self, local: int) -> int:
         """Connected clients on every node (the greeting's ``clientsCount``)."""
 
@@ -95,6 +101,12 @@ class MemoryBroker:
         done([], self._seq, self._seq)
 
     def leave(self, room: str, peer: str, reason: str) -> None:
+        pass
+
+    def forget(self, room: str) -> None:
+        pass
+
+    def ended(self, peer: str) -> None:
         pass
 
     def clients(self, local: int) -> int:

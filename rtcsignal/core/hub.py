@@ -26,11 +26,12 @@ from typing import Any, Protocol
 
 import orjson
 
-from rtcsignal.core import messages
+from rtcsignal.core import messages, resume
 from rtcsignal.core.broker import Broker, Member, MemoryBroker
 from rtcsignal.core.messages import ErrorCode, MessageError
 from rtcsignal.core.metrics import Metrics
 from rtcsignal.core.ratelimit import SMALL_MESSAGE, TokenBucket
+from rtcsignal.core.resume import Mailbox
 
 log = logging.getLogger("rtcsignal")
 
@@ -40,6 +41,9 @@ ROOM_NAME = re.compile(r"[A-Za-z0-9._~:@-]{1,128}")
 RATE_LIMIT_CLOSE_AFTER = 5.0
 
 CLOSE_POLICY = 1008
+
+#: The ``reason`` of a presence event that moves a member to another node (a resume).
+MOVED = "moved"
 
 
 class Sink(Protocol):
@@ -62,6 +66,7 @@ class Peer:
         "limited_since",
         "rooms",
         "sink",
+        "token",
         "user",
     )
 
@@ -87,6 +92,7 @@ class Peer:
         self.limited_since: float | None = None
         self.joining: set[str] | None = None  # rooms whose join the broker has not completed
         self.backlog: list[bytes] | None = None  # messages held until those joins complete
+        self.token: str | None = None  # the key (hash) of its current resume token
 
     def __repr__(self) -> str:
         return f"<Peer {self.id}>"
@@ -169,6 +175,7 @@ class Hub:
         self,
         *,
         frame: Callable[[bytes], bytes] = _identity,
+        unframe: Callable[[bytes], bytes] = _identity,
         clock: Callable[[], float],
         metrics: Metrics | None = None,
         default_room: bool = True,
@@ -179,6 +186,7 @@ class Hub:
         broker: Broker | None = None,
     ) -> None:
         self.frame = frame
+        self.unframe = unframe  # a frame's payload back (only to report dropped messages)
         self.broker: Broker = broker or MemoryBroker()
         self.shared = self.broker.shared
         self.clock = clock
@@ -190,6 +198,8 @@ class Hub:
         self.debug = False  # log every message received and relayed (costly; set at start)
         self.peers: dict[str, Peer] = {}
         self.rooms: dict[str, Room] = {}
+        self.tokens: dict[str, Peer] = {}  # resume token key -> local peer (live or parked)
+        self.away = 0  # parked peers (their sink is a Mailbox)
         self.lobby: Room | None = Room("", presence=False) if default_room else None
 
     # --- membership -------------------------------------------------------------------
@@ -198,9 +208,13 @@ class Hub:
         """96 random bits, URL-safe; behind a shared broker prefixed with the node's id."""
         return self.broker.node + secrets.token_urlsafe(12)
 
+    def connected(self) -> int:
+        """Peers here with a connection (not parked)."""
+        return len(self.peers) - self.away
+
     def clients_count(self) -> int:
         """Connected clients on every node (the greeting's ``clientsCount``)."""
-        return self.broker.clients(len(self.peers))
+        return self.broker.clients(self.connected())
 
     def add(self, peer: Peer) -> None:
         """Register a connected peer; it starts in the default room (if there is one)."""
@@ -210,8 +224,14 @@ class Hub:
 
     def remove(self, peer: Peer, reason: str) -> None:
         """The peer is gone (``closed`` or ``timeout``): tell its rooms, forget it."""
-        if self.peers.pop(peer.id, None) is None:
+        if self.peers.get(peer.id) is not peer:
             return
+        del self.peers[peer.id]
+        if type(peer.sink) is Mailbox:
+            self.away -= 1
+        if peer.token is not None:
+            self.tokens.pop(peer.token, None)
+            self.broker.ended(peer.id)
         for room in list(peer.rooms.values()):
             self._leave(peer, room, reason)
         if self.lobby is not None:
@@ -561,7 +581,8 @@ class Hub:
         peer = self.peers.get(peer_id)
         if peer is not None:
             obj = orjson.loads(data)
-            self.metrics.count_error(obj.get("code", ""))
+            if "code" in obj:
+                self.metrics.count_error(obj["code"])
             peer.sink.send(self.frame(data))
 
     def remote_presence(self, room_name: str, version: int, member: Member | None,
@@ -580,6 +601,12 @@ class Hub:
         if version <= room.version:
             return  # already in the snapshot this mirror started from
         room.version = version
+        if reason == MOVED:  # resumed on member.node: the mirror follows, nobody is told
+            assert member is not None
+            if member.node != self.broker.node and peer_id not in room.members:
+                room.drop_remote(peer_id)
+                room.add_remote(member)
+            return
         if member is not None:
             if member.node == self.broker.node or member.peer_id in room.remote:
                 return
@@ -606,6 +633,123 @@ class Hub:
             if pid not in room.remote:
                 room.add_remote(member)
                 self._announce(room, peer_joined(room_name, pid, member.meta))
+
+    # --- resume (core/resume.py) ----------------------------------------------------------
+
+    def new_token(self, peer: Peer) -> str:
+        """A fresh resume token for ``peer``; the previous one stops working."""
+        token = resume.new_token()
+        if peer.token is not None:
+            self.tokens.pop(peer.token, None)
+        peer.token = resume.token_key(token)
+        self.tokens[peer.token] = peer
+        return token
+
+    def park(self, peer: Peer, max_messages: int, max_bytes: int) -> Mailbox:
+        """``peer``'s connection dropped: it stays in its rooms (no ``peer-left``) and what
+        it is sent waits in a mailbox, until ``resume_local`` or ``expire``."""
+        mailbox = Mailbox(max_messages, max_bytes,
+                          lambda frame: self._report_dropped(peer.id, frame))
+        if type(peer.sink) is not Mailbox:
+            self.away += 1
+        peer.sink = mailbox
+        peer.backlog = None  # what it sent before the drop and we had not handled: gone
+        peer.joining = None
+        peer.limited_since = None
+        return mailbox
+
+    def expire(self, peer: Peer) -> None:
+        """The resume window ended: each sender of a kept message with an ``id`` gets
+        ``expired``, then the peer leaves its rooms (``peer-left``, reason ``timeout``)."""
+        if type(peer.sink) is Mailbox:
+            for frame in peer.sink.take():
+                self._report_dropped(peer.id, frame)
+        self.remove(peer, "timeout")
+
+    def resume_local(self, peer: Peer, sink: Sink) -> tuple[Sink, list[bytes], int]:
+        """Give a local peer (parked, or still connected) a new sink; returns the old sink
+        and what its mailbox kept, in order, with how many messages it had to drop."""
+        old = peer.sink
+        peer.sink = sink
+        if type(old) is Mailbox:
+            self.away -= 1
+            return old, old.take(), old.missed
+        return old, [], 0
+
+    def release(self, peer_id: str, node: str) -> tuple[Sink, list[bytes], int] | None:
+        """``peer_id`` resumed on ``node``: it leaves this node without a ``peer-left``
+        (it is still in its rooms, now mirrored as a member of ``node``). Returns its old
+        sink and its mailbox, as ``resume_local`` does."""
+        peer = self.peers.pop(peer_id, None)
+        if peer is None:
+            return None
+        if peer.token is not None:
+            self.tokens.pop(peer.token, None)
+        for room in list(peer.rooms.values()):
+            moved = Member(peer_id, room.meta.pop(peer_id), node, room.seq.pop(peer_id))
+            del room.members[peer_id]
+            del room.since[peer_id]
+            self.broker.forget(room.name)
+            if room.members or room.joining:
+                room.add_remote(moved)
+            elif room.loading is None:
+                del self.rooms[room.name]
+        peer.rooms = {}
+        if self.lobby is not None:
+            self.lobby.members.pop(peer_id, None)
+        sink = peer.sink
+        if type(sink) is Mailbox:
+            self.away -= 1
+            return sink, sink.take(), sink.missed
+        return sink, [], 0
+
+    def adopt(self, peer: Peer, rooms: list[tuple[str, Member, list[Member], int]]) -> None:
+        """``peer`` resumed here from another node: it becomes a local member of its
+        rooms, keeping its join order and meta, without a ``peer-joined``. Each room comes
+        with the cluster's other members and the presence version at the moment of the
+        move, for a room this node had no mirror of."""
+        self.peers[peer.id] = peer
+        node = self.broker.node
+        for name, me, others, version in rooms:
+            room = self.rooms.get(name)
+            if room is None or room.loading is not None:
+                room = self.rooms[name] = Room(name)
+                for m in others:
+                    if m.node != node:
+                        room.add_remote(m)
+                room.version = max(room.version, version)
+            room.drop_remote(peer.id)
+            room.members[peer.id] = peer
+            room.meta[peer.id] = me.meta
+            room.seq[peer.id] = me.seq
+            room.since[peer.id] = room.version
+            peer.rooms[name] = room
+        if not peer.rooms and self.lobby is not None:
+            self.lobby.members[peer.id] = peer
+
+    def notify(self, peer_id: str, data: bytes) -> None:
+        """A server message (unframed) for one peer, here or on its node."""
+        peer = self.peers.get(peer_id)
+        if peer is not None:
+            peer.sink.send(self.frame(data))
+        elif self.shared:
+            node = self._node_of(peer_id)
+            if node:
+                self.broker.publish_error(node, peer_id, data)
+
+    def _report_dropped(self, peer_id: str, frame: bytes) -> None:
+        found = resume.sender_and_ref(self.unframe(frame))
+        if found is not None:
+            self.metrics.resume_expired += 1
+            self.notify(found[0], resume.expired(found[1], peer_id))
+
+    def _node_of(self, peer_id: str) -> str:
+        """The node of a peer of another node: from a room mirror, else its id's prefix."""
+        for room in self.rooms.values():
+            member = room.remote.get(peer_id)
+            if member is not None:
+                return member.node
+        return peer_id[: len(self.broker.node)]
 
     # --- sending ----------------------------------------------------------------------
 

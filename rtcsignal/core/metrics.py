@@ -38,6 +38,8 @@ class Metrics:
         self.bytes_in = 0
         self.bytes_out = 0
         self.heartbeat_timeouts = 0
+        self.resumes: dict[str, int] = {}  # outcome -> count (resumed, fresh, taken)
+        self.resume_expired = 0  # senders told `expired` (window over or mailbox full)
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
         self.counters: dict[str, tuple[str, Callable[[], float]]] = {}
 
@@ -109,6 +111,12 @@ class Metrics:
                by("code", self.errors))
         metric("rtcsignal_heartbeat_timeouts_total", "counter",
                "Connections dropped for a missed ping", [("", self.heartbeat_timeouts)])
+        metric("rtcsignal_resumes_total", "counter",
+               "Reconnects with ?resume=: resumed, or a fresh session (token unknown)",
+               by("outcome", self.resumes))
+        metric("rtcsignal_resume_expired_total", "counter",
+               "Messages a dropped peer never got; their senders were told expired",
+               [("", self.resume_expired)])
         metric("rtcsignal_bytes_received_total", "counter", "WebSocket bytes read",
                [("", self.bytes_in)])
         metric("rtcsignal_bytes_sent_total", "counter", "WebSocket bytes written",

@@ -23,6 +23,7 @@ CLOSE_INVALID_DATA = 1007
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
+CLOSE_SERVICE_RESTART = 1012
 CLOSE_TRY_AGAIN = 1013
 
 _VALID_CLOSE_CODES = frozenset(
@@ -58,6 +59,12 @@ def encode_frame(opcode: int, payload: bytes) -> bytes:
     if n < 65536:
         return bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big") + payload
     return bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big") + payload
+
+
+def payload_of(frame: bytes) -> bytes:
+    """The payload of a frame made by ``encode_frame`` (unmasked, final)."""
+    n = frame[1] & 0x7F
+    return frame[2 + (n == 126) * 2 + (n == 127) * 8:]
 
 
 def encode_close(code: int, reason: str = "") -> bytes:

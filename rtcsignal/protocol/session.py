@@ -76,12 +76,14 @@ class Session:
         "max_size",
         "peer_close_code",
         "ping_pending",
+        "reading",
         "state",
     )
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
         self.state = OPEN
+        self.reading = True  # data messages are emitted (while open, or lingering)
         self.ping_pending = False
         self.close_transport = False  # the transport should close now (after writing out)
         self.failure: ProtocolError | None = None
@@ -109,12 +111,15 @@ class Session:
         self.ping_pending = True
         return PING_FRAME
 
-    def close(self, code: int, reason: str = "") -> bytes:
+    def close(self, code: int, reason: str = "", linger: bool = False) -> bytes:
         """Start the closing handshake: returns the close frame to write (once), then waits
-        for the peer's close (the caller bounds the wait with its close timeout)."""
+        for the peer's close (the caller bounds the wait with its close timeout). Data
+        messages that arrive meanwhile are dropped, or with ``linger`` still emitted (the
+        peer sent them before it read our close)."""
         if self.state is not OPEN:
             return b""
-        self.state = CLOSING  # a message in progress may still complete (and is dropped)
+        self.state = CLOSING
+        self.reading = linger
         return encode_close(code, reason)
 
     def buffered(self) -> int:
@@ -188,7 +193,7 @@ class Session:
                             payload.decode()
                         except UnicodeDecodeError:
                             raise ProtocolError(CLOSE_INVALID_DATA, "text is not UTF-8") from None
-                    if self.state is OPEN:
+                    if self.reading:
                         out.append((OP_TEXT, payload))
                 elif op >= 8:
                     self._control(op, payload, out)
@@ -218,7 +223,7 @@ class Session:
         self._checked = 0
         if op != OP_CONT:  # the first frame of a message
             if fin:  # a single-frame binary message, or text validated piece by piece
-                if self.state is OPEN:
+                if self.reading:
                     out.append((op, payload))
                 return
             self._msg = bytearray(payload)
@@ -226,12 +231,12 @@ class Session:
             assert self._msg is not None
             self._msg += payload
         if not fin:
-            if self.state is OPEN:
+            if self.reading:
                 out.append(_FRAGMENT_EVENT)
             return
         message = bytes(self._msg)
         self._drop_message()
-        if self.state is OPEN:
+        if self.reading:
             out.append((self._msg_op, message))
 
     def _validate(self, piece: bytes | bytearray, final: bool) -> None:
@@ -282,6 +287,7 @@ class Session:
         """_Fail the WebSocket Connection_: send a close frame (unless one was sent) and
         close the transport without waiting for the peer."""
         self.failure = exc
+        self.reading = False
         if self.state is OPEN:
             self._emit(encode_close(exc.code, exc.reason))
         self.state = CLOSED

@@ -35,8 +35,9 @@ from redis.exceptions import RedisError
 
 from rtcsignal.core import messages
 from rtcsignal.core.broker import JoinDone, JoinFailed, Member
-from rtcsignal.core.hub import Hub
+from rtcsignal.core.hub import MOVED, Hub, Peer
 from rtcsignal.core.messages import ErrorCode
+from rtcsignal.core.resume import Holding, Mailbox
 
 log = logging.getLogger("rtcsignal")
 
@@ -49,6 +50,10 @@ RETRY_MIN = 0.1
 RETRY_MAX = 2.0
 #: Seconds ``start`` waits for Redis before the server listens anyway, unready.
 STARTUP_WAIT = 3.0
+#: Seconds a resume waits for its claim's marker, then for the old node's handover.
+HANDOVER_TIMEOUT = 2.0
+#: The close a connection gets when its session was resumed on another node.
+CLOSE_SESSION_TAKEN = 4409
 
 JOIN = """
 local max = tonumber(ARGV[6])
@@ -60,6 +65,7 @@ local v = redis.call('INCR', KEYS[2])
 local entry = '{"n":"' .. ARGV[3] .. '","s":' .. v .. ',"m":' .. ARGV[2] .. '}'
 redis.call('HSET', KEYS[1], ARGV[1], entry)
 redis.call('SADD', KEYS[3], ARGV[4])
+redis.call('SADD', KEYS[4], ARGV[4])
 local all = redis.call('HGETALL', KEYS[1])
 redis.call(ARGV[7], ARGV[5], '{"k":"J","o":"' .. ARGV[3] .. '","r":"' .. ARGV[4] ..
   '","p":"' .. ARGV[1] .. '","v":' .. v .. ',"e":' .. entry .. '}\\n')
@@ -67,7 +73,11 @@ return {v, all}
 """
 
 LEAVE = """
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+local e = redis.call('HGET', KEYS[1], ARGV[1])
+-- only this node's own entry: a member that resumed elsewhere is not ours to remove
+if not e or string.sub(e, 7, 6 + #ARGV[5]) ~= ARGV[5] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[4], ARGV[3])
 local v = redis.call('INCR', KEYS[2])
 redis.call(ARGV[7], ARGV[4], '{"k":"L","o":"' .. ARGV[5] .. '","r":"' .. ARGV[3] ..
   '","p":"' .. ARGV[1] .. '","v":' .. v .. ',"why":"' .. ARGV[2] .. '"}\\n')
@@ -80,6 +90,11 @@ return v
 REAP = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local prefix = ARGV[2]
+local now = tonumber(redis.call('TIME')[1])
+for _, peer in ipairs(redis.call('SMEMBERS', KEYS[6])) do
+  redis.call('ZADD', KEYS[7], now + tonumber(ARGV[4]), peer)
+end
+redis.call('DEL', KEYS[6])
 local rooms = redis.call('SMEMBERS', KEYS[2])
 local n = 0
 for _, room in ipairs(rooms) do
@@ -87,7 +102,7 @@ for _, room in ipairs(rooms) do
   local all = redis.call('HGETALL', key)
   for i = 1, #all, 2 do
     local e = cjson.decode(all[i + 1])
-    if e['n'] == ARGV[1] then
+    if e['n'] == ARGV[1] and redis.call('EXISTS', prefix .. ':s:' .. all[i]) == 0 then
       redis.call('HDEL', key, all[i])
       local v = redis.call('INCR', KEYS[3])
       redis.call(ARGV[3], prefix .. ':r:' .. room, '{"k":"L","o":"' .. ARGV[1] ..
@@ -100,6 +115,101 @@ redis.call('DEL', KEYS[2])
 redis.call('SREM', KEYS[4], ARGV[1])
 redis.call('HDEL', KEYS[5], ARGV[1])
 return n
+"""
+
+#: A session: its resume token (a hash) -> peer, and the peer's owner and user.
+SESSION = """
+local old = redis.call('HGET', KEYS[2], 't')
+if old and old ~= ARGV[2] then redis.call('DEL', ARGV[5] .. ':t:' .. old) end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[2], 't', ARGV[2], 'u', ARGV[3], 'n', ARGV[4])
+redis.call('SADD', KEYS[3], ARGV[1])
+"""
+
+#: A session over (clean close, or its window ended), unless it moved to another node.
+END = """
+if redis.call('HGET', KEYS[1], 'n') ~= ARGV[2] then return 0 end
+local t = redis.call('HGET', KEYS[1], 't')
+if t then redis.call('DEL', ARGV[3] .. ':t:' .. t) end
+redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+#: Where a token's session is (its rooms), without taking it: the new node subscribes
+#: to them first, so it hears everything from the moment of the claim.
+PEEK = """
+local peer = redis.call('GET', KEYS[1])
+if not peer then return false end
+return redis.call('SMEMBERS', ARGV[1] .. ':pr:' .. peer)
+"""
+
+#: Take a session for this node, atomically (one winner per token): its room entries
+#: move here, the old node is told (T, then hands over its mailbox), every room's
+#: mirrors learn the move (M), and this node gets a marker (C) with the rooms' snapshots,
+#: after the room messages that were the old node's to keep and before the ones that are
+#: ours.
+CLAIM = """
+local peer = redis.call('GET', KEYS[1])
+if not peer then return false end
+local p = ARGV[3]
+local s = p .. ':s:' .. peer
+if (redis.call('HGET', s, 'u') or '') ~= ARGV[1] then return false end
+local old = redis.call('HGET', s, 'n') or ''
+local me = ARGV[2]
+redis.call('DEL', KEYS[1])
+redis.call('HDEL', s, 't')
+redis.call('HSET', s, 'n', me)
+redis.call('SREM', p .. ':ns:' .. old, peer)
+redis.call('SADD', p .. ':ns:' .. me, peer)
+redis.call('ZREM', p .. ':parked', peer)
+local alive = redis.call('EXISTS', p .. ':node:' .. old)
+if old ~= me then
+  redis.call(ARGV[4], p .. ':n:' .. old, '{"k":"T","p":"' .. peer .. '","to":"' .. me .. '"}\\n')
+end
+local parts = {}
+for _, room in ipairs(redis.call('SMEMBERS', p .. ':pr:' .. peer)) do
+  local key = p .. ':p:' .. room
+  local e = redis.call('HGET', key, peer)
+  if e then
+    local o = string.sub(e, 7, string.find(e, '"', 7, true) - 1)
+    e = '{"n":"' .. me .. string.sub(e, 7 + #o)
+    redis.call('HSET', key, peer, e)
+    redis.call('SADD', p .. ':nr:' .. me, room)
+    local v = redis.call('INCR', p .. ':v')
+    redis.call(ARGV[4], p .. ':r:' .. room, '{"k":"M","o":"' .. me .. '","r":"' .. room ..
+      '","p":"' .. peer .. '","v":' .. v .. ',"e":' .. e .. '}\\n')
+    local all = redis.call('HGETALL', key)
+    local members = {}
+    for i = 1, #all, 2 do members[#members + 1] = '"' .. all[i] .. '":' .. all[i + 1] end
+    parts[#parts + 1] = '["' .. room .. '",' .. v .. ',{' .. table.concat(members, ',') .. '}]'
+  end
+end
+redis.call(ARGV[4], p .. ':n:' .. me, '{"k":"C","p":"' .. peer .. '","key":"' ..
+  string.sub(KEYS[1], #p + 4) .. '","old":"' .. old ..
+  '","alive":' .. alive .. ',"rooms":[' .. table.concat(parts, ',') .. ']}\\n')
+return 1
+"""
+
+#: Sessions of lost nodes whose window ended: announced left (each exactly once).
+EXPIRE_DUE = """
+local p = ARGV[1]
+local now = tonumber(redis.call('TIME')[1])
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 100)
+for _, peer in ipairs(due) do
+  redis.call('ZREM', KEYS[1], peer)
+  for _, room in ipairs(redis.call('SMEMBERS', p .. ':pr:' .. peer)) do
+    if redis.call('HDEL', p .. ':p:' .. room, peer) == 1 then
+      local v = redis.call('INCR', p .. ':v')
+      redis.call(ARGV[2], p .. ':r:' .. room, '{"k":"L","o":"","r":"' .. room ..
+        '","p":"' .. peer .. '","v":' .. v .. ',"why":"timeout"}\\n')
+    end
+  end
+  local t = redis.call('HGET', p .. ':s:' .. peer, 't')
+  if t then redis.call('DEL', p .. ':t:' .. t) end
+  redis.call('DEL', p .. ':s:' .. peer, p .. ':pr:' .. peer)
+end
+return #due
 """
 
 #: Count a client in (or out) and return the total over every node.
@@ -153,6 +263,12 @@ class RedisBroker:
         self._retry: list[tuple[Any, ...]] = []  # leaves that failed: run again on reconnect
         self._absent: dict[tuple[str, str], float] = {}  # (room, peer) -> missing since
         self._repairing: asyncio.Future[None] | None = None  # mirror members missing at the last repair
+        self.resume_window = 0.0  # the REAP keeps a lost node's sessions this long
+        self.on_release: Callable[[str], None] | None = None  # a peer of ours resumed elsewhere
+        # Resumes in flight: token key -> (placeholder, done) until the claim's marker;
+        # then adopted peers waiting for their old node's handover.
+        self._claiming: dict[str, tuple[Peer, Callable[[Any], None]]] = {}
+        self._handover: dict[str, tuple[Callable[[Any], None], asyncio.TimerHandle]] = {}
 
     # --- names --------------------------------------------------------------------------
 
@@ -247,8 +363,9 @@ class RedisBroker:
         self._local[room] = self._local.get(room, 0) + 1
         channel = self._room_channel(room)
         p = self.prefix
-        args = ("EVAL", JOIN, 3, f"{p}:p:{room}", f"{p}:v", f"{p}:nr:{self.node}", peer,
-                orjson.dumps(meta), self.node, room, channel, self.max_peers_per_room, "PUBLISH")
+        args = ("EVAL", JOIN, 4, f"{p}:p:{room}", f"{p}:v", f"{p}:nr:{self.node}",
+                f"{p}:pr:{peer}", peer, orjson.dumps(meta), self.node, room, channel,
+                self.max_peers_per_room, "PUBLISH")
 
         def finish(result: Any) -> None:
             if isinstance(result, Exception) or int(result[0]) < 0:
@@ -285,10 +402,139 @@ class RedisBroker:
         left = self.leave_local(room)
         p = self.prefix
         channel = self._room_channel(room)
-        self._queue(("EVAL", LEAVE, 3, f"{p}:p:{room}", f"{p}:v", f"{p}:nr:{self.node}", peer,
-                     reason, room, channel, self.node, "1" if left <= 0 else "0", "PUBLISH"), None)
+        self._queue(("EVAL", LEAVE, 4, f"{p}:p:{room}", f"{p}:v", f"{p}:nr:{self.node}",
+                     f"{p}:pr:{peer}", peer, reason, room, channel, self.node,
+                     "1" if left <= 0 else "0", "PUBLISH"), None)
         if left <= 0:
             self._unsubscribe(channel)
+
+    def forget(self, room: str) -> None:
+        if self.leave_local(room) <= 0:
+            self._unsubscribe(self._room_channel(room))
+
+    # --- sessions (resume) ----------------------------------------------------------------
+
+    def session(self, peer: Peer) -> None:
+        """Record ``peer``'s session (its current token, user, this node) for a resume on
+        any node, even after this one dies."""
+        p = self.prefix
+        self._queue(("EVAL", SESSION, 3, f"{p}:t:{peer.token}", f"{p}:s:{peer.id}",
+                     f"{p}:ns:{self.node}", peer.id, peer.token, peer.user or "", self.node,
+                     p), None)
+
+    def ended(self, peer: str) -> None:
+        p = self.prefix
+        self._queue(("EVAL", END, 3, f"{p}:s:{peer}", f"{p}:ns:{self.node}", f"{p}:pr:{peer}",
+                     peer, self.node, p), None)
+
+    def resume(self, key: str, user: str | None, peer: Peer,
+               done: Callable[[Any], None]) -> None:
+        """Take the session of token ``key`` for ``peer`` (a new connection's placeholder).
+        ``done`` gets None (no such session: a fresh one), the local Peer that has it (it
+        was ours), or ``(frames, missed)`` once ``peer`` was adopted here under its old id
+        and its old node handed over what it kept."""
+        p = self.prefix
+        channels: list[bytes] = []
+
+        def claimed(result: Any) -> None:
+            if isinstance(result, Exception) or not result:
+                if self._claiming.pop(key, None) is not None:
+                    for ch in channels:
+                        if ch not in self._wanted():
+                            self._unsubscribe(ch)
+                    done(None)
+            elif key in self._claiming:  # the marker (C) is on its way
+                self.loop.call_later(HANDOVER_TIMEOUT, self._marker_lost, key)
+
+        def peeked(result: Any) -> None:
+            if isinstance(result, Exception) or not result:
+                done(None)
+                return
+            for raw in result:
+                ch = self._room_channel(raw.decode())
+                if ch not in self._channels:
+                    channels.append(ch)
+                    self._subscribe(ch)
+            self._claiming[key] = (peer, done)
+            self._queue(("EVAL", CLAIM, 1, f"{p}:t:{key}", user or "", self.node, p,
+                         "PUBLISH"), claimed)
+
+        self._queue(("EVAL", PEEK, 1, f"{p}:t:{key}", p), peeked)
+
+    def _wanted(self) -> set[bytes]:
+        """The channels this node needs for its own members."""
+        wanted = {self._node_channel(self.node)}
+        if self.hub.lobby is not None:
+            wanted.add(self._room_channel(""))
+        wanted.update(self._room_channel(r) for r in self._local)
+        return wanted
+
+    def _marker_lost(self, key: str) -> None:
+        """The claim succeeded but its marker never came (our subscriber was down): the
+        session stays in Redis, parked, until its window ends; this client starts fresh."""
+        entry = self._claiming.pop(key, None)
+        if entry is not None:
+            entry[1](None)
+
+    def _claimed(self, head: dict[str, Any]) -> None:
+        """The marker of a claim of ours, in the stream of publications: room messages
+        before it were the old node's to keep, the ones after it are ours to deliver."""
+        entry = self._claiming.pop(head["key"], None)
+        if entry is None:
+            return
+        peer, done = entry
+        hub = self.hub
+        peer_id = head["p"]
+        if head["old"] == self.node:  # it was ours: the service swaps the connection
+            done(hub.peers.get(peer_id))  # None if it ended meanwhile: a fresh session
+            return
+        rooms = []
+        for name, version, members in head["rooms"]:
+            me = members[peer_id]
+            others = [Member(pid, e["m"], e["n"], int(e["s"])) for pid, e in members.items()
+                      if pid != peer_id]
+            rooms.append((name, Member(peer_id, me["m"], self.node, int(me["s"])), others,
+                          int(version)))
+            self._local[name] = self._local.get(name, 0) + 1
+            self._subscribe(self._room_channel(name))
+        peer.id = peer_id
+        peer.sink = Holding()
+        hub.adopt(peer, rooms)
+        if not head["alive"]:  # its node is gone: nothing to hand over
+            done(([], 0))
+            return
+        timer = self.loop.call_later(HANDOVER_TIMEOUT, self._handover_lost, peer_id)
+        self._handover[peer_id] = (done, timer)
+
+    def _handed_over(self, head: dict[str, Any], data: bytes) -> None:
+        waiting = self._handover.pop(head["p"], None)
+        if waiting is not None:
+            done, timer = waiting
+            timer.cancel()
+            done(([data] if data else [], int(head["missed"])))
+
+    def _handover_lost(self, peer_id: str) -> None:
+        """The old node did not hand over in time (dead, its lease not yet expired): what
+        it held is gone, and its senders were refused while it was unreachable."""
+        waiting = self._handover.pop(peer_id, None)
+        if waiting is not None:
+            waiting[0](([], 0))
+
+    def _take(self, head: dict[str, Any]) -> None:
+        """Another node resumed one of our peers: it leaves here without a peer-left, its
+        live connection (if any) gets 4409, and what it kept goes to the new node."""
+        released = self.hub.release(head["p"], head["to"])
+        frames: list[bytes] = []
+        missed = 0
+        if released is not None:
+            sink, frames, missed = released
+            if self.on_release is not None:
+                self.on_release(head["p"])
+            if not isinstance(sink, (Mailbox, Holding)):
+                sink.close(CLOSE_SESSION_TAKEN, "session taken")
+        header = orjson.dumps({"k": "H", "o": self.node, "p": head["p"], "missed": missed})
+        self._queue(("PUBLISH", self._node_channel(head["to"]), header + b"\n" + b"".join(frames)),
+                    None)
 
     def clients(self, local: int) -> int:
         return local + self._others
@@ -296,7 +542,7 @@ class RedisBroker:
     def connected(self, done: Callable[[int], None]) -> None:
         """Count a new client cluster-wide; ``done(total)`` gets the exact count with it
         (the greeting's clientsCount), or the cached estimate if Redis is unreachable."""
-        local = len(self.hub.peers)
+        local = self.hub.connected()
 
         def finish(result: Any) -> None:
             done(local + self._others if isinstance(result, Exception) else int(result))
@@ -491,7 +737,7 @@ class RedisBroker:
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(f"{p}:node:{self.node}", b"1", px=int(self.presence_ttl * 1000))
         pipe.sadd(f"{p}:nodes", self.node)
-        pipe.hset(f"{p}:c", self.node, len(hub.peers))
+        pipe.hset(f"{p}:c", self.node, hub.connected())
         for room in hub.rooms.values():
             for pid in room.members:
                 entry = b'{"n":"%s","s":%d,"m":%s}' % (
@@ -582,6 +828,17 @@ class RedisBroker:
                                 Member(head["p"], e["m"], e["n"], int(e["s"])), head["p"])
         elif k == "L":
             hub.remote_presence(head["r"], int(head["v"]), None, head["p"], head["why"])
+        elif k == "M":
+            e = head["e"]
+            hub.remote_presence(head["r"], int(head["v"]),
+                                Member(head["p"], e["m"], e["n"], int(e["s"])), head["p"],
+                                MOVED)
+        elif k == "C":
+            self._claimed(head)
+        elif k == "T":
+            self._take(head)
+        elif k == "H":
+            self._handed_over(head, data)
         elif k == "P":
             now = time.monotonic()
             self._probe_seen = now
@@ -618,9 +875,10 @@ class RedisBroker:
                     self.lease_held = True
                     await self.redis.sadd(f"{p}:nodes", self.node)
                     await self._reap()
+                    await self.redis.eval(EXPIRE_DUE, 1, f"{p}:parked", p, self._pub)
                     if self.pubsub is not None:
                         await self._repair()
-                await self.redis.hset(f"{p}:c", self.node, len(self.hub.peers))
+                await self.redis.hset(f"{p}:c", self.node, self.hub.connected())
                 counts = await self.redis.hgetall(f"{p}:c")
                 self._others = sum(int(v) for k, v in counts.items() if k.decode() != self.node)
             except asyncio.CancelledError:
@@ -635,8 +893,10 @@ class RedisBroker:
             node = raw.decode()
             if node == self.node:
                 continue
-            n = await self.redis.eval(REAP, 5, f"{p}:node:{node}", f"{p}:nr:{node}", f"{p}:v",
-                                      f"{p}:nodes", f"{p}:c", node, p, self._pub)
+            n = await self.redis.eval(
+                REAP, 7, f"{p}:node:{node}", f"{p}:nr:{node}", f"{p}:v", f"{p}:nodes",
+                f"{p}:c", f"{p}:ns:{node}", f"{p}:parked", node, p, self._pub,
+                max(0, int(self.resume_window - self.presence_ttl)))
             if n:
                 self.stats["reaped"] += int(n)
                 log.info("node lost", extra={"fields": {"node": node, "peers": int(n)}})

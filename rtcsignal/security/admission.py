@@ -131,6 +131,12 @@ class Admission:
             else:
                 del self.pending_by_ip[peer_ip]
 
+    def fail(self, admitted: Admitted, now: float) -> None:
+        """A failed attempt after admission (an unknown resume token) counts towards the
+        address's block, like a failed token: guessing tokens is throttled."""
+        if admitted.limit_key is not None:
+            self.table.fail(self.table.get(admitted.limit_key, now), now)
+
     def release(self, admitted: Admitted) -> None:
         """The admitted connection has closed (a second call for the same one does nothing)."""
         if not admitted.counted:

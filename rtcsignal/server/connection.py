@@ -173,7 +173,12 @@ class Connection(asyncio.Protocol):
         elif state is HTTP:
             self._read_head(data)
         elif state is CLOSING:  # we sent a close frame; wait for the peer's
-            self.session.receive_data(data)  # type: ignore[union-attr]
+            events = self.session.receive_data(data)  # type: ignore[union-attr]
+            handlers = self.handlers
+            if handlers is not None:  # a lingering close: messages still count
+                for op, payload in events:
+                    if op == frames.OP_TEXT and not self.refusing:
+                        handlers.text(self.context, payload)
             if self.session.close_transport:  # type: ignore[union-attr]
                 self._session_over()
 
@@ -231,16 +236,19 @@ class Connection(asyncio.Protocol):
             self._slow_reader()
         return len(data)
 
-    def close(self, code: int, reason: str = "") -> None:
+    def close(self, code: int, reason: str = "", linger: bool = False) -> None:
         """Start the closing handshake; the socket is dropped if the peer does not answer
-        within ``close_timeout``."""
+        within ``close_timeout``. With ``linger`` the session goes on reading until the
+        peer's close arrives: what the client sent before it read our close is still
+        handled (a restart loses nothing a client sent)."""
         if self.state is not OPEN:
             return
         self.owner.metrics.bytes_out += self.flush()
         self.state = CLOSING
         self.close_code = code
-        self.transport.write(self.session.close(code, reason))  # type: ignore[union-attr]
-        self._end("closed")
+        self.transport.write(self.session.close(code, reason, linger))  # type: ignore[union-attr]
+        if not linger:
+            self._end("closed")
         self._arm_abort()
 
     def heartbeat(self) -> None:

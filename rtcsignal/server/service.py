@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 import ssl
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from rtcsignal.core.hub import ROOM_NAME, Hooks, Hub, Peer
 from rtcsignal.core.messages import ErrorCode, MessageError
 from rtcsignal.core.metrics import Metrics
 from rtcsignal.core.ratelimit import MessageBudget
+from rtcsignal.core.resume import Holding, Mailbox, token_key
 from rtcsignal.protocol import frames
 from rtcsignal.protocol.http import HttpError, Request
 from rtcsignal.security.admission import Admission
@@ -31,6 +33,17 @@ log = logging.getLogger("rtcsignal")
 #: for more than one slice (well under a millisecond) and relaying goes on in between.
 HEARTBEAT_SLICE = 128
 HEARTBEAT_SPREAD = 0.5
+
+#: A connection that ended with one of these may be resumed (``?resume=``): a drop (1006,
+#: a missed ping), our restart (1012), a slow reader (1013), or a client's own code in
+#: 3000-4999 (e.g. switching networks). 1000/1001/1005 from the client are clean ends;
+#: policy and protocol violations end the session.
+RESUMABLE_CLOSES = frozenset({frames.CLOSE_ABNORMAL, frames.CLOSE_SERVICE_RESTART,
+                              frames.CLOSE_TRY_AGAIN})
+#: The close a connection gets when its session is resumed on another connection.
+CLOSE_SESSION_TAKEN = 4409
+#: ``reconnect.after_ms`` in a restart: each client waits up to this much more (jitter).
+RECONNECT_JITTER_MS = 250
 
 
 def text_frame(data: bytes) -> bytes:
@@ -59,6 +72,7 @@ class SignalingService:
         self.hub = Hub(
             broker=self.broker,
             frame=text_frame,
+            unframe=frames.payload_of,
             clock=time.monotonic,
             metrics=self.metrics,
             default_room=not config.no_default_room,
@@ -69,6 +83,8 @@ class SignalingService:
         )
         if self.broker is not None:
             self.broker.attach(self.hub)
+            self.broker.resume_window = config.resume_window
+            self.broker.on_release = self._unpark
         self.handlers = Handlers(text=self.hub.handle_text, binary=self.hub.handle_binary,
                                  admit=self.hub.admit_rate, closed=self._session_closed)
         self.admission = Admission(config)
@@ -78,6 +94,7 @@ class SignalingService:
         self.pending: set[Connection] = set()  # sockets counted by admission.hold()
         self.counted: set[Connection] = set()  # sessions the broker counted in clientsCount
         self.sessions = 0  # upgraded sockets not yet lost (drain waits for 0)
+        self.parked: dict[str, asyncio.TimerHandle] = {}  # peer id -> its window's end
         self.draining = False
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.port = 0
@@ -88,7 +105,10 @@ class SignalingService:
         self._closed: asyncio.Event | None = None
         self._all_gone: asyncio.Event | None = None
         self.metrics.gauge("rtcsignal_connections_open", "Open WebSocket connections",
-                           lambda: len(self.hub.peers))
+                           self.hub.connected)
+        self.metrics.gauge("rtcsignal_sessions_parked",
+                           "Sessions kept for a resume after their connection dropped",
+                           lambda: self.hub.away)
         self.metrics.gauge("rtcsignal_rooms_open", "Named rooms with members",
                            lambda: len(self.hub.rooms))
         if self.broker is not None:
@@ -124,8 +144,13 @@ class SignalingService:
             "url": f"{scheme}://{cfg.host}:{self.port}{cfg.path}"}})
 
     async def shutdown(self) -> None:
-        """Graceful stop: refuse new sessions, close every client with 1001, wait up to
-        ``drain_timeout`` for them to go, then drop what is left and close the listener."""
+        """Graceful stop: refuse new sessions, close every client, wait up to
+        ``drain_timeout`` for them to go, then drop what is left and close the listener.
+
+        Alone, clients get 1001. With a ready broker (and resume on) this is a restart: over
+        ``drain_spread`` (at most half the drain timeout; jittered) each client gets
+        ``reconnect`` and 1012, its session is parked, and the drain waits for those
+        sessions to resume on other instances."""
         assert self._closed is not None, "service was not started"
         if self.draining:
             await self._closed.wait()
@@ -134,14 +159,28 @@ class SignalingService:
         log.info("shutting down", extra={"fields": {"clients": len(self.connections)}})
         if self._heartbeat is not None:
             self._heartbeat.cancel()
-        for conn in list(self.connections):
-            conn.close(frames.CLOSE_GOING_AWAY, "server shutting down")
+        # A restart only when other instances can take the sessions over.
+        restart = (self.broker is not None and self.broker.ready
+                   and self.config.resume_window > 0)
+        conns = list(self.connections)
+        if restart:
+            random.shuffle(conns)
+            # Every client is told before the drain can end.
+            spread = min(self.config.drain_spread, self.config.drain_timeout / 2)
+            for i, conn in enumerate(conns):
+                delay = spread * (i + random.random()) / len(conns)
+                self.loop.call_later(delay, self._restart_client, conn)
+        else:
+            for conn in conns:
+                conn.close(frames.CLOSE_GOING_AWAY, "server shutting down")
+            self._expire_parked()
         self._all_gone = asyncio.Event()
         self.connection_gone()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._all_gone.wait(), self.config.drain_timeout)
         for conn in list(self.live):
             conn.transport.abort()
+        self._expire_parked()  # not back in time: announced left now
         if self._server is not None:
             self._server.close()
         self._flush()
@@ -155,9 +194,46 @@ class SignalingService:
         await self._closed.wait()
 
     def connection_gone(self) -> None:
-        """A socket closed; during drain, wake shutdown once no WebSocket is left."""
-        if self._all_gone is not None and self.sessions == 0:
+        """A socket closed or a parked session went; during drain, wake shutdown once no
+        WebSocket and no parked session is left."""
+        if self._all_gone is not None and self.sessions == 0 and not self.parked:
             self._all_gone.set()
+
+    def _restart_client(self, conn: Connection) -> None:
+        """Tell one client to reconnect (1012); its session is parked at once, so what it
+        is sent meanwhile waits for its resume, and what it still sends is relayed."""
+        peer = conn.context
+        if conn not in self.connections or self.hub.peers.get(peer.id) is not peer:
+            return
+        after = random.randrange(RECONNECT_JITTER_MS)
+        conn.send(self.hub.frame(messages.encode({"type": "reconnect", "after_ms": after})))
+        self._park(peer)
+        conn.close(frames.CLOSE_SERVICE_RESTART, "service restart", linger=True)
+
+    def _park(self, peer: Peer) -> None:
+        cfg = self.config
+        self.hub.park(peer, cfg.resume_queue_messages, cfg.resume_queue_bytes)
+        self.parked[peer.id] = self.loop.call_later(cfg.resume_window, self._expire, peer)
+
+    def _expire(self, peer: Peer) -> None:
+        """The resume window of a parked peer ended."""
+        self.parked.pop(peer.id, None)
+        if self.hub.peers.get(peer.id) is peer and type(peer.sink) is Mailbox:
+            self.hub.expire(peer)
+        self.connection_gone()
+
+    def _expire_parked(self) -> None:
+        for peer_id in list(self.parked):
+            self.parked.pop(peer_id).cancel()
+            peer = self.hub.peers.get(peer_id)
+            if peer is not None and type(peer.sink) is Mailbox:
+                self.hub.expire(peer)
+
+    def _unpark(self, peer_id: str) -> None:
+        timer = self.parked.pop(peer_id, None)
+        if timer is not None:
+            timer.cancel()
+            self.connection_gone()
 
     def _broker_metrics(self, broker: Any) -> None:
         m = self.metrics
@@ -261,25 +337,107 @@ class SignalingService:
                 conn.close(*refusal)
                 return handlers
         self.connections.add(conn)
-        hub.add(peer)
         self.metrics.connections_total += 1
-        if self.broker is not None:  # clientsCount over every instance: one round trip
-            self.counted.add(conn)
+        token = request.query.get("resume") if cfg.resume_window > 0 else None
+        if token and self.broker is not None:  # the session may live on any instance
             hub.hold(peer, "")
-            self.broker.connected(functools.partial(self._greet, conn, peer, room))
-        else:
-            self._greet(conn, peer, room, len(hub.peers))
+            self.broker.resume(token_key(token), admitted.user, peer,
+                               functools.partial(self._resumed_elsewhere, conn, peer, room))
+            return handlers
+        if token:
+            old = hub.tokens.get(token_key(token))
+            if old is not None and old.user == admitted.user:
+                self._resume_here(conn, old, peer, hub.clients_count())
+                return handlers
+            self._fresh(conn)
+        self._connect(conn, peer, room)
         return handlers
 
-    def _greet(self, conn: Connection, peer: Peer, room: str | None, count: int) -> None:
-        """The greeting, then the ``?room=`` join; messages the client sent meanwhile are
-        handled after them."""
-        hub = self.hub
-        cfg = self.config
+    def _connect(self, conn: Connection, peer: Peer, room: str | None) -> None:
+        """A new session: into the hub, then the greeting."""
+        self.hub.add(peer)
+        if self.broker is not None:  # clientsCount over every instance: one round trip
+            self.counted.add(conn)
+            self.hub.hold(peer, "")
+            self.broker.connected(functools.partial(self._greet, conn, peer, room))
+        else:
+            self._greet(conn, peer, room, self.hub.clients_count())
+
+    def _fresh(self, conn: Connection) -> None:
+        """A resume token that opens no session: a fresh one (and a failed attempt)."""
+        self.metrics.resumes["fresh"] = self.metrics.resumes.get("fresh", 0) + 1
+        self.admission.fail(conn.ticket, self.loop.time())
+
+    def _resumed_elsewhere(self, conn: Connection, peer: Peer, room: str | None,
+                           outcome: Any) -> None:
+        """The broker's answer to a resume: None (a fresh session), the local peer that
+        owns the token, or ``(frames, missed)``: ``peer`` was adopted here under its old id
+        and these are what its old node kept for it."""
+        if conn not in self.connections:  # the new connection went away meanwhile
+            if outcome is not None and not isinstance(outcome, Peer):
+                held = peer.sink.frames if type(peer.sink) is Holding else []
+                self._park(peer)
+                for frame in outcome[0] + held:
+                    peer.sink.send(frame)
+            return
+        if outcome is None:
+            self.hub.unblock(peer, "")
+            self._fresh(conn)
+            self._connect(conn, peer, room)
+        elif isinstance(outcome, Peer):
+            self.hub.unblock(peer, "")
+            self._resume_here(conn, outcome, peer, None)
+        else:
+            sent, missed = outcome
+            held = peer.sink.frames if type(peer.sink) is Holding else []
+            peer.sink = conn
+            self.counted.add(conn)
+            self.broker.connected(functools.partial(
+                self._greet_resumed, conn, peer, sent + held, missed))
+
+    def _resume_here(self, conn: Connection, old: Peer, new: Peer, count: int | None) -> None:
+        """``conn`` takes over the session of local peer ``old`` (parked, or still on a
+        connection that gets 4409); ``new`` was its placeholder, whose early messages
+        follow."""
+        old_sink, kept, missed = self.hub.resume_local(old, conn)
+        self._unpark(old.id)
+        if isinstance(old_sink, Connection) and old_sink is not conn:
+            self.connections.discard(old_sink)  # its close must not end the session
+            if old_sink in self.counted:
+                self.counted.discard(old_sink)
+                self.broker.disconnected()
+            old_sink.close(CLOSE_SESSION_TAKEN, "session taken")
+        conn.context = old
+        old.address = new.address
+        old.backlog, new.backlog = new.backlog, None
+        old.joining = new.joining
         if self.broker is not None:
-            hub.unblock(peer, "")
-            if hub.peers.get(peer.id) is not peer:
-                return
+            self.counted.add(conn)
+            self.broker.connected(functools.partial(self._greet_resumed, conn, old, kept,
+                                                    missed))
+        else:
+            assert count is not None
+            self._greet_resumed(conn, old, kept, missed, count)
+
+    def _greet_resumed(self, conn: Connection, peer: Peer, kept: list[bytes], missed: int,
+                       count: int) -> None:
+        """The resumed greeting, then what was kept, in order, then whatever came after."""
+        hub = self.hub
+        self.metrics.resumes["resumed"] = self.metrics.resumes.get("resumed", 0) + 1
+        if conn not in self.connections:
+            self._park(peer)
+            return
+        conn.send(hub.frame(messages.encode(self._greeting(peer, count, missed))))
+        for frame in kept:
+            conn.send(frame)
+        if log.isEnabledFor(logging.INFO):
+            log.info("resume", extra={"fields": {
+                "peer": peer.id, "addr": conn.address, "kept": len(kept), "missed": missed}})
+        hub.unblock(peer, "")
+        hub.replay(peer)
+
+    def _greeting(self, peer: Peer, count: int, missed: int | None = None) -> dict[str, Any]:
+        cfg = self.config
         greeting: dict[str, Any] = {
             "type": "connected",
             "message": "Connected to signaling server",
@@ -288,7 +446,24 @@ class SignalingService:
         }
         if cfg.turn_urls or cfg.stun_urls:
             greeting["iceServers"] = ice_servers(cfg, peer.id, time.time())
-        conn.send(hub.frame(messages.encode(greeting)))
+        if cfg.resume_window > 0:
+            greeting["resumeToken"] = self.hub.new_token(peer)
+            greeting["resumed"] = missed is not None
+            if missed is not None:
+                greeting["missed"] = missed
+            if self.broker is not None:
+                self.broker.session(peer)
+        return greeting
+
+    def _greet(self, conn: Connection, peer: Peer, room: str | None, count: int) -> None:
+        """The greeting, then the ``?room=`` join; messages the client sent meanwhile are
+        handled after them."""
+        hub = self.hub
+        if self.broker is not None:
+            hub.unblock(peer, "")
+            if hub.peers.get(peer.id) is not peer:
+                return
+        conn.send(hub.frame(messages.encode(self._greeting(peer, count))))
         if log.isEnabledFor(logging.INFO):
             log.info("connect", extra={"fields": {
                 "peer": peer.id, "addr": conn.address, "clients": len(hub.peers)}})
@@ -305,10 +480,22 @@ class SignalingService:
         hub.replay(peer)
 
     def _session_closed(self, conn: Connection, reason: str) -> None:
-        """The session ended: leave the hub (presence: peer-left with ``reason``)."""
+        """The connection ended: a resumable end parks the session for the resume window,
+        any other leaves the hub (presence: peer-left with ``reason``)."""
         if conn in self.connections:
             self.connections.discard(conn)
-            self.hub.remove(conn.context, reason)
+            peer = conn.context
+            code = conn.close_code
+            if peer.sink is conn:
+                if self.config.resume_window > 0 and (
+                    not self.draining or self.broker is not None
+                ) and (
+                    code in RESUMABLE_CLOSES
+                    or (3000 <= code <= 4999 and code == conn.session.peer_close_code)
+                ) and self.hub.peers.get(peer.id) is peer:
+                    self._park(peer)
+                else:
+                    self.hub.remove(peer, reason)
             self.metrics.count_disconnect(reason)
             if conn in self.counted:
                 self.counted.discard(conn)

@@ -238,6 +238,33 @@ SETTINGS: tuple[Setting, ...] = (
         "seconds after which a silent instance's peers are announced left (reason timeout)",
         "cluster",
     ),
+    # resume
+    Setting(
+        "resume_window",
+        _float(0),
+        "seconds a dropped client may reconnect with ?resume=TOKEN and keep its session "
+        "(0 = no resume)",
+        "resume",
+    ),
+    Setting(
+        "resume_queue_messages",
+        _int(0),
+        "messages kept for a dropped client during the resume window",
+        "resume",
+    ),
+    Setting(
+        "resume_queue_bytes",
+        _size,
+        "bytes kept for a dropped client during the resume window",
+        "resume",
+    ),
+    Setting(
+        "drain_spread",
+        _float(0),
+        "seconds over which a draining instance with a broker tells its clients to reconnect "
+        "(close 1012), jittered",
+        "resume",
+    ),
     # rooms
     Setting(
         "no_default_room",
@@ -372,6 +399,10 @@ class Config:
     broker: str = ""
     broker_prefix: str = "rtcsignal"
     presence_ttl: float = 15.0
+    resume_window: float = 30.0
+    resume_queue_messages: int = 100
+    resume_queue_bytes: int = 256 * 1024
+    drain_spread: float = 5.0
     log_level: str = "info"
     log_format: str = "auto"
     certfile: str = ""

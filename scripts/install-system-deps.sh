@@ -1,7 +1,8 @@
 #!/bin/sh
 # Installs the Debian packages the test suite drives for real (redis-server, chromium, nginx,
-# gcc, openssl)
-# when they are missing. Needs root; otherwise it names what to install and fails.
+# gcc, openssl, and systemd for systemd-analyze, which checks deploy/rtcsignal.service) when
+# they are missing. Installing systemd in a container does not make it the init system.
+# Needs root; otherwise it names what to install and fails.
 #
 # The tests start their own redis-server and nginx (free ports, private config), so the
 # system services these packages come with must not run: a policy-rc.d that answers 101
@@ -14,6 +15,7 @@ command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$missing nginx"
 command -v gcc >/dev/null 2>&1 || missing="$missing gcc"
 command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
+command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
     echo "install-system-deps: missing Debian packages:$missing (run as root, or: sudo apt-get install$missing)" >&2

@@ -1,8 +1,8 @@
 """rtcsignal behind a real nginx (issue 5: "document the nginx path", trusted proxies).
 
-nginx runs as a child process on a free port with a configuration modelled on
-deploy/nginx.conf (plain HTTP instead of TLS) and proxies to a ``rtcsignal serve``
-subprocess. Clients connect through it from different loopback source addresses
+nginx runs as a child process on a free port with the shipped deploy/nginx.conf and
+deploy/nginx-upstream.conf (listening on loopback, plain HTTP instead of TLS) and proxies to
+a ``rtcsignal serve`` subprocess. Clients connect through it from different loopback source addresses
 (127.0.0.2, 127.0.0.3, ...), so the address the server logs and limits can be told apart
 from nginx's own socket address (127.0.0.1).
 
@@ -15,12 +15,14 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from ssl import SSLContext
 from typing import Any
 
 import pytest
@@ -32,7 +34,11 @@ from tests.rawws import RawWS
 TIMEOUT = 5.0
 NGINX = os.environ.get("NGINX", "/usr/sbin/nginx")
 
-CONF = """\
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+#: The main nginx.conf around the shipped site and upstream files, as Debian's and the nginx
+#: image's include them inside http {}; temporary files stay in the test's directory.
+MAIN = """\
 {user}
 worker_processes 1;
 events {{ worker_connections 1024; }}
@@ -43,38 +49,51 @@ http {{
     fastcgi_temp_path {tmp}/fastcgi;
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
-
-    upstream rtcsignal {{
-        server 127.0.0.1:{upstream};
-    }}
-
-    map $http_upgrade $connection_upgrade {{
-        default upgrade;
-        ''      close;
-    }}
-
-    server {{
-        listen 127.0.0.1:{port};
-
-        location /signaling {{
-            proxy_pass http://rtcsignal;
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection $connection_upgrade;
-            proxy_set_header Host $host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_read_timeout 3600s;
-            proxy_send_timeout 3600s;
-            proxy_buffering off;
-        }}
-
-        location ~ ^/(healthz|readyz|test-signaling\\.html|ice-servers)$ {{
-            proxy_pass http://rtcsignal;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-        }}
-    }}
+    include {tmp}/upstream.conf;
+    include {tmp}/site.conf;
 }}
 """
+
+
+def one_sub(pattern: str, replacement: str, text: str) -> str:
+    """Replace the one line ``pattern`` matches; failing loudly when the shipped file no
+    longer has exactly one (the helper would otherwise test something else)."""
+    out, n = re.subn(pattern, lambda _: replacement, text, flags=re.M)
+    assert n == 1, f"expected one match of {pattern!r} in the shipped nginx files, found {n}"
+    return out
+
+
+def local_upstream(port: int) -> str:
+    """deploy/nginx-upstream.conf with its one instance on ``port``."""
+    return one_sub(r"^\s*server\s+127\.0\.0\.1:\d+;", f"    server 127.0.0.1:{port};",
+                   (DEPLOY / "nginx-upstream.conf").read_text())
+
+
+def loopback_config(tmp: Path, port: int, upstream: str,
+                    tls: tuple[Path, Path] | None = None) -> Path:
+    """The shipped deploy/nginx.conf, in a whole nginx.conf with ``upstream``, listening on
+    127.0.0.1:``port``: only its listen line and certificate paths change (TLS with the
+    ``tls`` certificate and key, plain HTTP without)."""
+    site = (DEPLOY / "nginx.conf").read_text()
+    site = one_sub(r"^\s*listen\s+443\s+ssl;",
+                   f"    listen 127.0.0.1:{port}{' ssl' if tls else ''};", site)
+    cert, key = (f"    ssl_certificate {tls[0]};", f"    ssl_certificate_key {tls[1]};") if tls \
+        else ("", "")
+    site = one_sub(r"^\s*ssl_certificate\s+\S+;", cert, site)
+    site = one_sub(r"^\s*ssl_certificate_key\s+\S+;", key, site)
+    (tmp / "site.conf").write_text(site)
+    (tmp / "upstream.conf").write_text(upstream)
+    conf = tmp / "nginx.conf"
+    conf.write_text(MAIN.format(user="user root;" if os.geteuid() == 0 else "", tmp=tmp))
+    return conf
+
+
+def nginx_binary() -> str:
+    binary = NGINX if os.path.exists(NGINX) else shutil.which("nginx")
+    if binary is None:
+        pytest.fail(f"nginx not found at {NGINX}: these tests need a real nginx; "
+                    "`make test` installs it (Debian package nginx)")
+    return binary
 
 
 def free_port() -> int:
@@ -84,12 +103,12 @@ def free_port() -> int:
 
 
 class Nginx:
-    def __init__(self, binary: str, tmp: Path, upstream: int) -> None:
-        self.port = free_port()
-        conf = tmp / "nginx.conf"
-        conf.write_text(CONF.format(
-            user="user root;" if os.geteuid() == 0 else "", tmp=tmp, upstream=upstream,
-            port=self.port))
+    """nginx running ``conf`` (from ``loopback_config``) in the foreground on ``port``."""
+
+    def __init__(self, binary: str, conf: Path, port: int, scheme: str = "ws") -> None:
+        self.port = port
+        self.scheme = scheme
+        tmp = conf.parent
         self.proc = subprocess.Popen(
             [binary, "-p", str(tmp), "-c", str(conf), "-e", "stderr",
              "-g", f"daemon off; pid {tmp}/nginx.pid; error_log stderr notice;"],
@@ -111,7 +130,7 @@ class Nginx:
         self._ready.set()
 
     def url(self, query: str = "") -> str:
-        return f"ws://127.0.0.1:{self.port}/signaling" + (f"?{query}" if query else "")
+        return f"{self.scheme}://127.0.0.1:{self.port}/signaling" + (f"?{query}" if query else "")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -124,15 +143,19 @@ class Nginx:
 
 
 @pytest.fixture
-def nginx_for(tmp_path: Path) -> Iterator[Callable[[Any], Nginx]]:
-    binary = NGINX if os.path.exists(NGINX) else shutil.which("nginx")
-    if binary is None:
-        pytest.fail(f"nginx not found at {NGINX}: these tests need a real nginx; "
-                    "`make test` installs it (Debian package nginx)")
+def nginx_for(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
+    """``start(server)``: the shipped config in front of ``server``, plain HTTP;
+    ``start(upstream=TEXT, tls=(cert, key))``: another upstream block, and TLS."""
+    binary = nginx_binary()
     started: list[Nginx] = []
 
-    def start(server: Any) -> Nginx:
-        n = Nginx(binary, tmp_path, server.port)
+    def start(server: Any = None, *, upstream: str | None = None,
+              tls: tuple[Path, Path] | None = None) -> Nginx:
+        port = free_port()
+        if upstream is None:
+            upstream = local_upstream(server.port)
+        conf = loopback_config(tmp_path, port, upstream, tls)
+        n = Nginx(binary, conf, port, "wss" if tls else "ws")
         started.append(n)
         return n
 
@@ -142,11 +165,11 @@ def nginx_for(tmp_path: Path) -> Iterator[Callable[[Any], Nginx]]:
 
 
 async def open_via(nginx: Nginx, query: str = "", source: str = "127.0.0.1",
-                   headers: dict[str, str] | None = None
+                   headers: dict[str, str] | None = None, ssl: SSLContext | None = None,
                    ) -> tuple[ClientConnection, dict[str, Any]]:
     ws = await connect(nginx.url(query), ping_interval=None, compression=None,
                        open_timeout=TIMEOUT, local_addr=(source, 0),
-                       additional_headers=headers)
+                       additional_headers=headers, ssl=ssl)
     greeting = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
     assert greeting.get("type") == "connected", greeting
     return ws, greeting

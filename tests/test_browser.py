@@ -24,17 +24,9 @@ XSS = "<img src=x onerror=window.__pwned=1>"
 pytestmark = [requires_chromium, pytest.mark.asyncio(loop_scope="module")]
 
 
-@pytest.fixture
-def browser(chromium):
-    return chromium
-
-
-async def test_test_page_greets_sends_and_renders_text_safely(server, browser):
+async def test_test_page_greets_sends_and_renders_text_safely(server, pages):
     py, _ = await open_client(server.url())
-    page = await browser.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    await page.goto(server.http("/test-signaling.html"), timeout=WAIT_MS)
+    page = await pages.new(server.http("/test-signaling.html"))
 
     await page.wait_for_function(
         "() => document.getElementById('status').textContent === 'connected'", timeout=WAIT_MS)
@@ -49,8 +41,9 @@ async def test_test_page_greets_sends_and_renders_text_safely(server, browser):
     await page.fill("#type", "browser-note")
     await page.fill("#data", "hello from chromium")
     await page.click("#sendbtn")
-    assert await recv_json(py) == {"type": "browser-note", "data": "hello from chromium",
-                                   "from": page_peer}
+    got = await recv_json(py)
+    assert isinstance(got.pop("id"), str)  # the page's client gives every message an id
+    assert got == {"type": "browser-note", "data": "hello from chromium", "from": page_peer}
 
     # Hostile text from the python client is shown as text, never parsed as HTML.
     await send_json(py, {"type": "chat", "data": XSS, "html": f"<b>{XSS}</b>"})
@@ -70,7 +63,7 @@ async def test_test_page_greets_sends_and_renders_text_safely(server, browser):
         "'onerror')).length >= 2", timeout=WAIT_MS)
     assert await page.evaluate("document.querySelectorAll('img').length") == 0
     assert await page.evaluate("typeof window.__pwned") == "undefined"
-    assert errors == []
+    assert pages.errors == []
     await close_all([py])
 
 
@@ -125,16 +118,13 @@ window.sendMessage = (message) => signalingServer.send(JSON.stringify(message));
 </script></body></html>"""
 
 
-async def test_original_client_code_works_unchanged(server, browser):
+async def test_original_client_code_works_unchanged(server, pages):
     html = ORIGINAL_CLIENT.replace("SIGNALING_URL", json.dumps(server.url()))
 
     async def open_page():
-        context = await browser.new_context()
-        page = await context.new_page()
         # The application page lives on the server's loopback origin (Chromium's local
         # network access checks refuse a public origin talking to 127.0.0.1).
-        await page.goto(server.http("/healthz"), timeout=WAIT_MS)
-        await page.set_content(html, timeout=WAIT_MS)
+        page = await pages.new(server.http("/healthz"), content=html)
         await page.wait_for_function("() => window.clientsCount !== null", timeout=WAIT_MS)
         return page
 

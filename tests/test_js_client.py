@@ -244,6 +244,23 @@ async def test_perfect_negotiation_glare_both_sides_connect(server, pages):
     assert pages.errors == []
 
 
+async def test_the_documented_complete_example_runs_verbatim(server, pages):
+    """docs/javascript-client.md's "video call in a dozen lines", as written, in three pages:
+    everyone sees everyone else's camera (Chromium's fake one)."""
+    doc = (ROOT / "docs" / "javascript-client.md").read_text()
+    html = re.search(r"```html\n(.*?)```", doc, re.S)
+    assert html is not None
+    peers = [await pages.new(server.http("/healthz"), content=html.group(1)) for _ in range(3)]
+    for page in peers:
+        await wait_js(page, """() => {
+            const videos = [...document.querySelectorAll('#others video')];
+            return videos.length === 2 && videos.every((v) => v.videoWidth > 0); }""")
+    await peers[0].close()  # one leaves: the others drop its video
+    for page in peers[1:]:
+        await wait_js(page, "() => document.querySelectorAll('#others video').length === 1")
+    assert pages.errors == []
+
+
 # --- against a scripted server -----------------------------------------------------------
 
 

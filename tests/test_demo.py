@@ -8,6 +8,7 @@ from the click on "Share" to each viewer's first frame to build/negotiation-time
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 from urllib.parse import urlencode
@@ -189,4 +190,43 @@ async def test_viewer_resumes_after_its_network_drops_for_3_s(server, pages):
     await wait_js(bob, SHOWS, ann_id)
     await wait_js(bob, "(n) => document.querySelector('#screens figure video')"
                        ".getVideoPlaybackQuality().totalVideoFrames > n + 10", frames_before)
+    assert pages.errors == []
+
+
+async def test_viewer_follows_a_server_restart_to_another_instance(make_cluster, pages):
+    """Two instances on Redis behind a round-robin balancer. The instance holding the viewer
+    is restarted (SIGTERM: `reconnect` with after_ms, then close 1012): the viewer's page
+    reconnects through the balancer, lands on the other instance and resumes there, same
+    peer id, while the screen keeps playing."""
+    cluster = make_cluster(2, "--drain-spread", "1")
+    front = cluster.front
+    ann = await open_demo(pages, front, "demo", "Ann")
+    bob = await open_demo(pages, front, "demo", "Bob")
+    await members(ann, 2)
+    ann_id = await share(ann, [bob], "restart")
+    bob_id = await bob.evaluate("demo.client.peerId")
+    home = await asyncio.to_thread(cluster.instance_of, bob_id)
+    other = 1 - home
+
+    status = await asyncio.to_thread(cluster.terminate, home, 30)
+    assert status == 0  # drained: its sessions resumed elsewhere
+    await asyncio.to_thread(cluster.instance(other).wait_for,
+                            lambda e: e.get("event") == "resume" and e.get("peer") == bob_id, 10)
+    await wait_js(bob, "() => demo.client.state === 'open' && demo.client.greeting.resumed")
+    assert await bob.evaluate("demo.client.peerId") == bob_id
+    # It waited as long as the server said, then came back.
+    log = await bob.evaluate("() => [...document.querySelectorAll('#log div')]"
+                             ".map((d) => d.textContent)")
+    [after_ms] = [json.loads(line[2:])["after_ms"] for line in log if '"reconnect"' in line]
+    assert any(line.startswith("· closed 1012") and f"reconnecting in {after_ms} ms" in line
+               for line in log), log
+    # The presenter (wherever it was) is still there, nobody saw anybody leave, and the
+    # screen keeps playing.
+    await wait_js(ann, "() => demo.client.state === 'open'")
+    assert await ann.evaluate("demo.client.peerId") == ann_id
+    for page in (ann, bob):
+        assert "peer-left" not in await page.text_content("#log")
+    frames = (await bob.evaluate(SCREENS))[0][2]
+    await wait_js(bob, "(n) => document.querySelector('#screens figure video')"
+                       ".getVideoPlaybackQuality().totalVideoFrames > n + 10", frames)
     assert pages.errors == []

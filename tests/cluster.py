@@ -265,14 +265,19 @@ class Cluster:
     def instance_of(self, peer_id: str, timeout: float = 5.0) -> int:
         """The index of the instance that accepted ``peer_id`` (from its ``connect`` log
         line)."""
+        return self.logged(lambda e: e.get("event") == "connect" and e.get("peer") == peer_id,
+                           timeout)[0]
+
+    def logged(self, pred: Callable[[dict], bool], timeout: float = 10.0) -> tuple[int, dict]:
+        """The first instance (index, log line) with a line matching ``pred``."""
         deadline = time.monotonic() + timeout
         while True:
             for i, s in enumerate(self.instances):
-                if any(e.get("event") == "connect" and e.get("peer") == peer_id
-                       for e in list(s.lines)):
-                    return i
+                for e in list(s.lines):
+                    if pred(e):
+                        return i, e
             if time.monotonic() > deadline:
-                raise AssertionError(f"no instance logged connect for {peer_id}")
+                raise AssertionError("no instance logged the line")
             time.sleep(0.01)
 
     # --- faults and teardown ------------------------------------------------------------

@@ -44,6 +44,8 @@ CLOSE_POLICY = 1008
 
 #: The ``reason`` of a presence event that moves a member to another node (a resume).
 MOVED = "moved"
+#: Seconds a node remembers that a peer resumed elsewhere (see ``Hub.moved``).
+MOVED_MEMORY = 60.0
 
 
 class Sink(Protocol):
@@ -200,6 +202,9 @@ class Hub:
         self.rooms: dict[str, Room] = {}
         self.tokens: dict[str, Peer] = {}  # resume token key -> local peer (live or parked)
         self.away = 0  # parked peers (their sink is a Mailbox)
+        # Peers that resumed on another node -> when: a message still addressed here gets
+        # `expired` (delivering it late could reorder it after newer ones). Bounded by age.
+        self.moved: dict[str, float] = {}
         self.lobby: Room | None = Room("", presence=False) if default_room else None
 
     # --- membership -------------------------------------------------------------------
@@ -572,6 +577,11 @@ class Hub:
         ):
             peer.sink.send(self.frame(data))
             return True
+        if peer is None and target in self.moved:  # sent before the sender knew it moved
+            if ref is not None:
+                self.metrics.resume_expired += 1
+                self.broker.publish_error(origin, sender, resume.expired(ref, target))
+            return False
         self.broker.publish_error(origin, sender, messages.error(
             ErrorCode.UNKNOWN_PEER, "no such peer in your rooms", ref))
         return False
@@ -683,6 +693,12 @@ class Hub:
         peer = self.peers.pop(peer_id, None)
         if peer is None:
             return None
+        now = self.clock()
+        self.moved[peer_id] = now
+        for old, when in list(self.moved.items()):  # oldest first
+            if now - when < MOVED_MEMORY:
+                break
+            del self.moved[old]
         if peer.token is not None:
             self.tokens.pop(peer.token, None)
         for room in list(peer.rooms.values()):

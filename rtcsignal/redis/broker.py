@@ -91,12 +91,13 @@ REAP = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local prefix = ARGV[2]
 local now = tonumber(redis.call('TIME')[1])
+local n = 0
 for _, peer in ipairs(redis.call('SMEMBERS', KEYS[6])) do
   redis.call('ZADD', KEYS[7], now + tonumber(ARGV[4]), peer)
+  n = n + 1
 end
 redis.call('DEL', KEYS[6])
 local rooms = redis.call('SMEMBERS', KEYS[2])
-local n = 0
 for _, room in ipairs(rooms) do
   local key = prefix .. ':p:' .. room
   local all = redis.call('HGETALL', key)
@@ -141,7 +142,9 @@ return 1
 PEEK = """
 local peer = redis.call('GET', KEYS[1])
 if not peer then return false end
-return redis.call('SMEMBERS', ARGV[1] .. ':pr:' .. peer)
+local out = redis.call('SMEMBERS', ARGV[1] .. ':pr:' .. peer)
+table.insert(out, 1, peer)
+return out
 """
 
 #: Take a session for this node, atomically (one winner per token): its room entries
@@ -450,7 +453,7 @@ class RedisBroker:
             if isinstance(result, Exception) or not result:
                 done(None)
                 return
-            for raw in result:
+            for raw in result[1:]:  # the peer id, then its rooms
                 ch = self._room_channel(raw.decode())
                 if ch not in self._channels:
                     channels.append(ch)

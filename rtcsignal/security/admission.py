@@ -134,8 +134,7 @@ class Admission:
     def fail(self, admitted: Admitted, now: float) -> None:
         """A failed attempt after admission (an unknown resume token) counts towards the
         address's block, like a failed token: guessing tokens is throttled."""
-        if admitted.limit_key is not None:
-            self.table.fail(self.table.get(admitted.limit_key, now), now)
+        self.table.fail(self.table.get(limit_key(admitted.client_ip), now), now)
 
     def release(self, admitted: Admitted) -> None:
         """The admitted connection has closed (a second call for the same one does nothing)."""

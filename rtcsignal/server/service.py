@@ -278,6 +278,7 @@ class SignalingService:
             if log.isEnabledFor(logging.INFO):
                 log.info("disconnect", extra={"fields": {
                     "peer": peer.id, "addr": conn.address, "code": conn.close_code,
+                    "parked": type(peer.sink) is Mailbox,
                     "duration_s": round(time.monotonic() - conn.opened, 3),
                     "clients": len(self.hub.peers),
                 }})

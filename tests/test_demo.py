@@ -153,6 +153,13 @@ async def test_presenter_reloads_and_viewers_recover_without_reloading(server, p
         assert await viewer.evaluate("window.notReloaded") is True
         assert await viewer.evaluate("demo.calls.size") == 1
     await screenshot(viewers[0], "demo-viewer-recovered.png")
+    # A viewer leaves: the presenter's connection to it ends, the other viewer keeps its own.
+    await viewers[1].click("#leavebtn")
+    await wait_js(ann, "() => demo.calls.size === 1 && "
+                       "document.querySelectorAll('#people li').length === 2")
+    await wait_js(viewers[1], "() => !document.querySelector('#screens figure') && "
+                              "!location.search.includes('room=')")
+    await wait_js(viewers[0], SHOWS, again)
     assert pages.errors == []
 
 

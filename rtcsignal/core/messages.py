@@ -19,7 +19,8 @@ MAX_TYPE_LENGTH = 64
 
 #: Types only the server sends; a client sending one gets ``reserved-type``.
 RESERVED_TYPES = frozenset(
-    {"connected", "error", "joined", "left", "peer-joined", "peer-left", "pong"}
+    {"connected", "error", "expired", "joined", "left", "peer-joined", "peer-left", "pong",
+     "reconnect"}
 )
 
 #: Types the server acts on instead of relaying.

@@ -194,6 +194,14 @@ redis.call(ARGV[4], p .. ':n:' .. me, '{"k":"C","p":"' .. peer .. '","key":"' ..
 return 1
 """
 
+#: A message for a peer whose node did not receive it: to the node that owns its session
+#: now (it resumed there and the sender's node has not heard of the move yet).
+FORWARD = """
+local owner = redis.call('HGET', KEYS[1], 'n')
+if not owner or owner == ARGV[3] then return 0 end
+return redis.call(ARGV[4], ARGV[1] .. ':n:' .. owner, ARGV[2])
+"""
+
 #: Sessions of lost nodes whose window ended: announced left (each exactly once).
 EXPIRE_DUE = """
 local p = ARGV[1]
@@ -349,12 +357,20 @@ class RedisBroker:
     ) -> None:
         header = orjson.dumps({"k": "D", "o": self.node, "t": target, "f": sender,
                                "rooms": rooms, "ref": ref})
+        message = header + b"\n" + data
 
-        def check(result: Any) -> None:
+        def forwarded(result: Any) -> None:
             if isinstance(result, Exception) or int(result) < 1:
                 self._refuse(sender, ref, result)
 
-        self._queue(("PUBLISH", self._node_channel(node), header + b"\n" + data), check)
+        def check(result: Any) -> None:
+            if isinstance(result, Exception):
+                self._refuse(sender, ref, result)
+            elif int(result) < 1:  # nobody there: has the peer resumed elsewhere?
+                self._queue(("EVAL", FORWARD, 1, f"{self.prefix}:s:{target}", self.prefix,
+                             message, node, "PUBLISH"), forwarded)
+
+        self._queue(("PUBLISH", self._node_channel(node), message), check)
 
     def publish_error(self, node: str, peer: str, data: bytes) -> None:
         header = orjson.dumps({"k": "E", "o": self.node, "t": peer})

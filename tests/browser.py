@@ -44,20 +44,31 @@ requires_chromium = pytest.mark.skipif(
     reason="chromium is not installed (make test installs it)")
 
 
-async def launch(p: Any) -> Any:
-    return await p.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=WAIT_MS)
+async def launch(p: Any, *extra: str) -> Any:
+    """Chromium with ``ARGS`` and the ``extra`` flags."""
+    return await p.chromium.launch(executable_path=CHROMIUM, args=[*ARGS, *extra],
+                                   timeout=WAIT_MS)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module", name="chromium")
-async def chromium_fixture() -> AsyncIterator[Any]:
-    """One headless Chromium for every test of the module (each test opens its own
-    contexts, closed with the test)."""
-    async with playwright_api.async_playwright() as p:
-        browser = await launch(p)
-        try:
-            yield browser
-        finally:
-            await browser.close()
+def chromium_with(*extra: str) -> Any:
+    """The module-scoped ``chromium`` fixture, launched with ``extra`` flags too (a module
+    that needs them binds it: ``chromium_fixture = chromium_with("--flag")``)."""
+
+    @pytest_asyncio.fixture(scope="module", loop_scope="module", name="chromium")
+    async def chromium() -> AsyncIterator[Any]:
+        """One headless Chromium for every test of the module (each test opens its own
+        contexts, closed with the test)."""
+        async with playwright_api.async_playwright() as p:
+            browser = await launch(p, *extra)
+            try:
+                yield browser
+            finally:
+                await browser.close()
+
+    return chromium
+
+
+chromium_fixture = chromium_with()
 
 
 class Pages:

@@ -63,10 +63,17 @@ def one_sub(pattern: str, replacement: str, text: str) -> str:
     return out
 
 
-def local_upstream(port: int) -> str:
-    """deploy/nginx-upstream.conf with its one instance on ``port``."""
-    return one_sub(r"^\s*server\s+127\.0\.0\.1:\d+;", f"    server 127.0.0.1:{port};",
-                   (DEPLOY / "nginx-upstream.conf").read_text())
+def local_upstream(*ports: int) -> str:
+    """deploy/nginx-upstream.conf with its instances' server lines replaced by one line per
+    port in ``ports``, in that order."""
+    text = (DEPLOY / "nginx-upstream.conf").read_text()
+    lines = re.findall(r"^[ \t]*server[ \t]+127\.0\.0\.1:\d+;[ \t]*\n", text, flags=re.M)
+    assert lines, "no `server 127.0.0.1:PORT;` line in deploy/nginx-upstream.conf"
+    ours = "".join(f"    server 127.0.0.1:{port};\n" for port in ports)
+    first = text.index(lines[0])
+    for line in lines:
+        text = text.replace(line, "", 1)
+    return text[:first] + ours + text[first:]
 
 
 def loopback_config(tmp: Path, port: int, upstream: str,
@@ -144,8 +151,9 @@ class Nginx:
 
 @pytest.fixture
 def nginx_for(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
-    """``start(server)``: the shipped config in front of ``server``, plain HTTP;
-    ``start(upstream=TEXT, tls=(cert, key))``: another upstream block, and TLS."""
+    """``start(server)``: the shipped config in front of ``server`` (or of each server of a
+    list: the shipped upstream with their ports), plain HTTP; ``tls=(cert, key)``: TLS;
+    ``start(upstream=TEXT, ...)``: another upstream block."""
     binary = nginx_binary()
     started: list[Nginx] = []
 
@@ -153,7 +161,8 @@ def nginx_for(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
               tls: tuple[Path, Path] | None = None) -> Nginx:
         port = free_port()
         if upstream is None:
-            upstream = local_upstream(server.port)
+            servers = server if isinstance(server, list | tuple) else [server]
+            upstream = local_upstream(*(s.port for s in servers))
         conf = loopback_config(tmp_path, port, upstream, tls)
         n = Nginx(binary, conf, port, "wss" if tls else "ws")
         started.append(n)

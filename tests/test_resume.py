@@ -18,6 +18,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.helpers import TIMEOUT, close_all, open_client, recv_json, send_json
+from tests.rawws import OP_CLOSE, OP_TEXT, RawWS, close_code
 
 
 def with_query(base: str, **query: str) -> str:
@@ -112,6 +113,53 @@ async def test_resume_keeps_peer_id_rooms_meta_and_delivers_the_gap_in_order(top
     assert await recv_json(b) == {"type": "answer", "to": gb["peerId"], "id": "back",
                                   "from": ga["peerId"]}
     await close_all([a2, b, c])
+
+
+async def test_resume_on_the_same_instance_of_a_cluster(make_cluster):
+    cluster = make_cluster(2)
+    room = f"r{random.randrange(10**9)}"
+    a, ga = await joined_client(cluster.urls[0], room)
+    b, _ = await joined_client(cluster.urls[1], room)
+    await recv_json(a)
+    drop(a)
+    await wait_parked(cluster.front)
+    await send_json(b, {"type": "offer", "to": ga["peerId"], "id": "gap"})
+    assert await sync(b) == []
+    a2, g2 = await open_client(with_query(cluster.urls[0], resume=ga["resumeToken"]))
+    assert (g2["resumed"], g2["peerId"], g2["missed"]) == (True, ga["peerId"], 0)
+    assert (await recv_json(a2))["id"] == "gap"
+    await send_json(b, {"type": "offer", "to": ga["peerId"], "id": "after"})
+    assert (await recv_json(a2))["id"] == "after"
+    assert await sync(b) == []
+    await close_all([a2, b])
+
+
+async def test_restart_tells_clients_to_reconnect_and_relays_what_they_send_meanwhile(
+        make_cluster):
+    """SIGTERM with a broker: `reconnect`, then 1012; a message the client sends after the
+    close frame left the server, before it answers it, is still relayed."""
+    cluster = make_cluster(2, "--drain-spread", "0.2")
+    room = f"r{random.randrange(10**9)}"
+    inst = cluster.instance(0)
+    raw, g = await RawWS.open(inst.host, inst.port)
+    raw.send_json({"type": "join", "room": room, "id": "j"})
+    assert (await raw.recv_json())["type"] == "joined"
+    b, gb = await joined_client(cluster.urls[1], room)
+    assert (await raw.recv_json())["type"] == "peer-joined"
+    inst.proc.send_signal(signal.SIGTERM)
+    reconnect = await raw.recv_json()
+    assert reconnect["type"] == "reconnect" and 0 <= reconnect["after_ms"] < 1000
+    op, payload = await raw.recv_frame()
+    assert (op, close_code(payload)) == (OP_CLOSE, 1012)
+    raw.send(OP_TEXT, b'{"type":"late","to":"%s","id":1}' % gb["peerId"].encode())
+    raw.send(OP_CLOSE, (1012).to_bytes(2, "big"))
+    assert await recv_json(b) == {"type": "late", "to": gb["peerId"], "id": 1,
+                                  "from": g["peerId"]}
+    a2, g2 = await open_client(with_query(cluster.urls[1], resume=g["resumeToken"]))
+    assert (g2["resumed"], g2["peerId"]) == (True, g["peerId"])
+    assert await sync(b) == []  # no peer-left, no peer-joined
+    raw.close()
+    await close_all([a2, b])
 
 
 async def test_past_the_window_senders_get_expired_and_one_peer_left(run_topology):

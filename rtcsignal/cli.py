@@ -9,7 +9,7 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rtcsignal import logs
 from rtcsignal.config import BY_NAME, SETTINGS, Config, ConfigError, Setting, load_config
@@ -147,24 +147,26 @@ def _resolve(args: argparse.Namespace) -> Config:
     return load_config(flags, file=args.config)
 
 
-def _serve(config: Config, argv: Sequence[str]) -> int:
+def _serve(config: Config, argv: Sequence[str], load: Callable[[], Config]) -> int:
     """One server process; with ``--workers`` > 1, a supervisor re-running ``argv`` in
-    each worker (``server.workers``; a worker knows itself by its environment)."""
-    from rtcsignal.server import workers
+    each worker (``server.workers``; a worker knows itself by its environment). ``load``
+    reads the settings again (SIGHUP, ``server.reload``)."""
+    from rtcsignal.server import reload, workers
     from rtcsignal.server.service import SignalingService
 
-    logs.configure(config.log_level, config.log_format)
+    logs.configure(config.log_level, config.log_format, path=config.log_file)
     index = workers.worker_index()
     if index is not None:
         workers.tag_logs(index)
     service = SignalingService(config)  # raises ConfigError for unreadable keys, bad patterns
     if config.workers > 1 and index is None:
-        return workers.supervise(config, argv)
+        return workers.supervise(config, argv, load)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):  # before start(): no window without them
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(service.shutdown()))
+        loop.add_signal_handler(signal.SIGHUP, reload.reload, service, load)
         await service.start()
         if index is not None and not service.draining:
             workers.serving(service.shutdown)
@@ -240,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(config, args)
         if args.command == "config":
             return _check(config)
-        return _serve(config, argv)
+        return _serve(config, argv, lambda: _resolve(args))
     except ConfigError as exc:
         print(f"rtcsignal: {exc}", file=sys.stderr)
         return 2

@@ -221,6 +221,12 @@ SETTINGS: tuple[Setting, ...] = (
         "log line format; auto = text on a terminal, JSON otherwise",
     ),
     Setting(
+        "log_file",
+        _text,
+        "append log lines to this file instead of stderr (JSON with --log-format auto); "
+        "reopened on SIGHUP, so logrotate can move it",
+    ),
+    Setting(
         "certfile", _text, "TLS certificate (PEM) to serve wss:// and https:// directly", "tls"
     ),
     Setting("keyfile", _text, "TLS private key (PEM) for --certfile", "tls"),
@@ -374,6 +380,13 @@ SETTINGS: tuple[Setting, ...] = (
         "failed token checks per address per minute before 429 for a minute",
         "security",
     ),
+    Setting(
+        "admin_token",
+        _text,
+        "bearer token of the /admin/ HTTP API; empty = no admin API (404)",
+        "security",
+    ),
+    Setting("admin_token_file", _text, "file holding the admin API's bearer token", "security"),
     # TURN
     Setting("turn_secret", _text, "coturn use-auth-secret shared secret", "turn"),
     Setting("turn_urls", _list, "TURN server URLs handed to clients", "turn"),
@@ -405,6 +418,7 @@ class Config:
     drain_spread: float = 5.0
     log_level: str = "info"
     log_format: str = "auto"
+    log_file: str = ""
     certfile: str = ""
     keyfile: str = ""
     no_default_room: bool = False
@@ -435,6 +449,8 @@ class Config:
     jwt_audience: str = ""
     jwt_issuer: str = ""
     auth_fail_limit: int = 10
+    admin_token: str = ""
+    admin_token_file: str = ""
     turn_secret: str = ""
     turn_urls: tuple[str, ...] = ()
     turn_ttl: int = 3600
@@ -463,6 +479,8 @@ class Config:
             )
         if self.turn_urls and not self.turn_secret:
             raise ConfigError("turn_urls: needs --turn-secret")
+        if self.admin_token and self.admin_token_file:
+            raise ConfigError("admin_token: give --admin-token or --admin-token-file, not both")
 
 
 def _parse_one(s: Setting, raw: Any, source: str) -> Any:

@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 
+from rtcsignal.config import ConfigError
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -70,14 +72,71 @@ class TextFormatter(logging.Formatter):
         return text
 
 
-def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
-    """Send the ``rtcsignal`` logger to ``stream`` (stderr) in the chosen format."""
-    stream = stream or sys.stderr
-    if fmt == "auto":
-        fmt = "text" if stream.isatty() else "json"
-    handler = logging.StreamHandler(stream)
+class FileHandler(logging.StreamHandler):
+    """Appends to ``path``, one line per write (line-buffered), so a line is never split
+    across a rotation; ``reopen()`` (on SIGHUP) starts writing to whatever file ``path``
+    names now, after logrotate moved the old one away."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(self._open())
+
+    def _open(self) -> Any:
+        try:
+            return open(self.path, "a", buffering=1, encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"log_file: cannot open {self.path}: "
+                              f"{exc.strerror or exc}") from None
+
+    def reopen(self) -> None:
+        """Write to a fresh open of ``path``; keeps the old file if that fails (ConfigError)."""
+        fresh = self._open()
+        self.acquire()
+        try:
+            old, self.stream = self.stream, fresh
+        finally:
+            self.release()
+        old.close()
+
+
+def configure(level: str = "info", fmt: str = "auto", stream: Any = None,
+              path: str = "") -> None:
+    """Send the ``rtcsignal`` logger to ``path`` (a file, see FileHandler) or ``stream``
+    (stderr) in the chosen format; ``auto`` is text on a terminal only."""
+    handler: logging.StreamHandler
+    if path:
+        handler = FileHandler(path)
+        if fmt == "auto":
+            fmt = "json"
+    else:
+        stream = stream or sys.stderr
+        if fmt == "auto":
+            fmt = "text" if stream.isatty() else "json"
+        handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     logger = logging.getLogger("rtcsignal")
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
     logger.propagate = False
+
+
+def reopen() -> None:
+    """Reopen the log file (if logging goes to one); raises ConfigError if it cannot be
+    opened, and the old one is kept."""
+    for handler in logging.getLogger("rtcsignal").handlers:
+        if isinstance(handler, FileHandler):
+            handler.reopen()
+
+
+def set_level(level: str) -> None:
+    logging.getLogger("rtcsignal").setLevel(level.upper())
+
+
+def raw_output() -> Any:
+    """The binary stream log lines go to now (the supervisor copies its workers' lines
+    there whole); the text layer above it is line-buffered, so nothing is held back."""
+    for handler in logging.getLogger("rtcsignal").handlers:
+        buffer = getattr(getattr(handler, "stream", None), "buffer", None)
+        if buffer is not None:
+            return buffer
+    return sys.stderr.buffer

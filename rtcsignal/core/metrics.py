@@ -40,6 +40,7 @@ class Metrics:
         self.heartbeat_timeouts = 0
         self.resumes: dict[str, int] = {}  # outcome -> count (resumed, fresh, taken)
         self.resume_expired = 0  # senders told `expired` (window over or mailbox full)
+        self.reloads = {"applied": 0, "failed": 0}  # SIGHUP reloads of the settings
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
         self.counters: dict[str, tuple[str, Callable[[], float]]] = {}
 
@@ -117,6 +118,9 @@ class Metrics:
         metric("rtcsignal_resume_expired_total", "counter",
                "Messages a dropped peer never got; their senders were told expired",
                [("", self.resume_expired)])
+        metric("rtcsignal_config_reloads_total", "counter",
+               "Settings reloads (SIGHUP): applied, or failed and the old settings kept",
+               by("outcome", self.reloads))
         metric("rtcsignal_bytes_received_total", "counter", "WebSocket bytes read",
                [("", self.bytes_in)])
         metric("rtcsignal_bytes_sent_total", "counter", "WebSocket bytes written",

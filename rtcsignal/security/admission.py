@@ -12,12 +12,14 @@ is refused cheaply. Each refusal is an HttpError with a status and a short reaso
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rtcsignal.config import Config
+from rtcsignal.config import Config, ConfigError
 from rtcsignal.protocol.http import HttpError, Request
 from rtcsignal.security.limits import AddressTable, retry_after
 from rtcsignal.security.origins import OriginPolicy
@@ -57,6 +59,7 @@ class Admission:
 
     def __init__(self, config: Config, wall: Clock = time.time) -> None:
         self.config = config
+        self.wall = wall
         self.open = 0
         self.pending = 0  # sockets that have not finished the HTTP request / upgrade
         self.pending_by_ip: dict[str, int] = {}
@@ -65,6 +68,27 @@ class Admission:
         self.table = AddressTable(
             config.max_connect_rate, config.max_connect_burst, config.auth_fail_limit
         )
+        #: Failed attempts by what failed (for /metrics): a JWT, a resume token, the admin
+        #: API's token. Each counts towards the address's block.
+        self.failures = {"jwt": 0, "resume": 0, "admin": 0}
+        self.admin_token = admin_token(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """New settings (a reload): origins, keys and the admin token are read first, so a
+        bad one raises ConfigError and changes nothing. Open connections are not
+        re-checked; per-address buckets take the new rate at once."""
+        origins = OriginPolicy(config.allowed_origins, config.require_origin)
+        verifier = Verifier(config, self.wall) if config.auth == "jwt" else None
+        token = admin_token(config)
+        self.config = config
+        self.origins = origins
+        self.verifier = verifier
+        self.admin_token = token
+        table = self.table
+        table.rate, table.burst = config.max_connect_rate, config.max_connect_burst
+        table.fail_limit = config.auth_fail_limit
+        for entry in table.entries.values():
+            entry.rate, entry.burst = table.rate, table.burst
 
     def client_address(self, request: Request, peer_ip: str) -> str:
         """The client's IP: the peer, or X-Forwarded-For's nearest hop behind trusted proxies."""
@@ -134,7 +158,25 @@ class Admission:
     def fail(self, admitted: Admitted, now: float) -> None:
         """A failed attempt after admission (an unknown resume token) counts towards the
         address's block, like a failed token: guessing tokens is throttled."""
+        self.failures["resume"] += 1
         self.table.fail(self.table.get(limit_key(admitted.client_ip), now), now)
+
+    def admin(self, request: Request, peer_ip: str, now: float) -> None:
+        """The admin API's bearer token (``Authorization: Bearer ...``), compared in constant
+        time (digests, so not even its length leaks). A missing or wrong one is a failed
+        attempt like a bad JWT: 401, and past ``auth_fail_limit`` a minute, 429 for a minute.
+        Raises HttpError 404 when no admin token is configured (no admin API)."""
+        if self.admin_token is None:
+            raise HttpError(404, "not found")
+        key = limit_key(self.client_address(request, peer_ip))
+        self._check_blocked(key, now)
+        scheme, _, given = (request.header("authorization") or "").partition(" ")
+        ok = hmac.compare_digest(hashlib.sha256(given.strip().encode()).digest(),
+                                 self.admin_token)
+        if not ok or scheme.lower() != "bearer":
+            self.failures["admin"] += 1
+            self.table.fail(self.table.get(key, now), now)
+            raise HttpError(401, "admin token required", {"WWW-Authenticate": "Bearer"})
 
     def release(self, admitted: Admitted) -> None:
         """The admitted connection has closed (a second call for the same one does nothing)."""
@@ -195,9 +237,27 @@ class Admission:
                 raise TokenError("missing token")
             claims = self.verifier.verify(token)
         except TokenError as exc:
+            self.failures["jwt"] += 1
             self.table.fail(self.table.get(key, now), now)
             raise HttpError(401, exc.reason, {"WWW-Authenticate": "Bearer"}) from None
         return Admitted(client_ip=client, user=claims.user, rooms=claims.rooms, meta=claims.meta)
+
+
+def admin_token(config: Config) -> bytes | None:
+    """The SHA-256 of the admin token (from --admin-token or --admin-token-file), or None
+    when there is none; ConfigError if the file cannot be read or is empty."""
+    token = config.admin_token
+    if config.admin_token_file:
+        try:
+            with open(config.admin_token_file, encoding="utf-8") as fh:
+                token = fh.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise ConfigError(f"admin_token_file: cannot read {config.admin_token_file}: "
+                              f"{reason}") from None
+        if not token:
+            raise ConfigError(f"admin_token_file: {config.admin_token_file} is empty")
+    return hashlib.sha256(token.encode()).digest() if token else None
 
 
 def _loopback_host(host: str) -> bool:

@@ -21,10 +21,11 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from rtcsignal.config import Config
+from rtcsignal import logs
+from rtcsignal.config import Config, ConfigError
 
 log = logging.getLogger("rtcsignal")
 
@@ -137,18 +138,23 @@ class _Worker:
         self.index = index
         self.proc: asyncio.subprocess.Process | None = None
         self.ready = False  # the current process has said it listens
+        self.reload = False  # a SIGHUP came before it could take one: send it once ready
 
 
 class Supervisor:
     """Starts the workers, waits for all to listen, restarts the ones that die, drains all
     on SIGTERM/SIGINT. ``run()`` returns the exit status."""
 
-    def __init__(self, config: Config, argv: Sequence[str], port: int, log_format: str) -> None:
+    def __init__(self, config: Config, argv: Sequence[str], port: int, log_format: str,
+                 load: Callable[[], Config] | None = None) -> None:
         self.config = config
         self.port = port
+        self.load = load
         # The same arguments; later flags win, so these pin what every worker must share.
+        # Workers log to their stderr, which we copy to our log stream (--log-file too).
         self.command = [sys.executable, "-m", "rtcsignal", *argv, f"--port={port}",
-                        f"--workers={config.workers}", f"--log-format={log_format}"]
+                        f"--workers={config.workers}", f"--log-format={log_format}",
+                        "--log-file="]
         self.workers = [_Worker(i) for i in range(config.workers)]
         self.listening = False  # every worker has been ready once: from now on, restart
         self.stopping = asyncio.Event()
@@ -158,6 +164,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         slots = [asyncio.create_task(self._keep(w)) for w in self.workers]
         ready = asyncio.create_task(self.all_ready.wait())
         stop = asyncio.create_task(self.stopping.wait())
@@ -200,6 +207,31 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):  # exited, not yet reaped
                     w.proc.send_signal(signal.SIGTERM)
 
+    def reload(self) -> None:
+        """SIGHUP: reopen our log file, take the new log level, and pass the signal to
+        every worker (each reloads its settings and logs ``reloaded`` or ``reload
+        failed``). A worker still starting gets it once it listens: before that it has no
+        handler, and SIGHUP would kill it."""
+        try:
+            logs.reopen()
+        except ConfigError as exc:
+            log.error("log file not reopened", extra={"fields": {"reason": str(exc)}})
+        if self.load is not None:
+            with contextlib.suppress(ConfigError):  # the workers say why, once each
+                logs.set_level(self.load().log_level)
+        for w in self.workers:
+            if w.ready:
+                self._hup(w)
+            else:
+                w.reload = True
+
+    @staticmethod
+    def _hup(w: _Worker) -> None:
+        w.reload = False
+        if w.proc is not None and w.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                w.proc.send_signal(signal.SIGHUP)
+
     async def _keep(self, w: _Worker) -> int:
         """Run one worker slot until stopping. Returns 0 after a clean exit (or nothing to
         stop), the exit status otherwise; returns at once if the worker fails to start."""
@@ -230,7 +262,7 @@ class Supervisor:
 
     async def _run_once(self, w: _Worker) -> int:
         """Start the worker's process, forward its log lines, wait for it to exit."""
-        w.ready, w.proc = False, None
+        w.ready, w.proc, w.reload = False, None, False  # a new process reads the file anew
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -255,6 +287,8 @@ class Supervisor:
         while line := await stdout.readline():
             if line == READY:
                 w.ready = True
+                if w.reload:
+                    self._hup(w)
                 if not self.listening and all(x.ready for x in self.workers):
                     self.listening = True
                     self.all_ready.set()
@@ -262,29 +296,33 @@ class Supervisor:
 
 async def _forward(reader: asyncio.StreamReader) -> None:
     """Copy a worker's stderr to ours a whole line at a time, so lines never interleave."""
-    out = sys.stderr.buffer
     while True:
         try:
             line = await reader.readuntil(b"\n")
         except asyncio.IncompleteReadError as exc:  # end of stream
             if exc.partial:
-                out.write(exc.partial + b"\n")
-                out.flush()
+                _write_line(exc.partial + b"\n")
             return
         except asyncio.LimitOverrunError as exc:
             line = await reader.readexactly(exc.consumed)
-        out.write(line)
-        out.flush()
+        _write_line(line)
 
 
-def supervise(config: Config, argv: Sequence[str]) -> int:
+def _write_line(line: bytes) -> None:
+    out = logs.raw_output()  # asked each time: a SIGHUP may have reopened the log file
+    out.write(line)
+    out.flush()
+
+
+def supervise(config: Config, argv: Sequence[str],
+              load: Callable[[], Config] | None = None) -> int:
     """Hold the port, run the supervisor, return the exit status (OSError: cannot bind)."""
     fmt = config.log_format
     if fmt == "auto":  # resolved here: a worker's stderr is our pipe, never a terminal
-        fmt = "text" if sys.stderr.isatty() else "json"
+        fmt = "json" if config.log_file or not sys.stderr.isatty() else "text"
     held, port = hold_port(config.host, config.port)
     try:
-        supervisor = Supervisor(config, argv, port, fmt)
+        supervisor = Supervisor(config, argv, port, fmt, load)
         try:
             import uvloop
         except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX

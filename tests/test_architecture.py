@@ -19,7 +19,12 @@ ALLOWED = {
     "security": {"config", "protocol", "core"},
     "redis": {"config", "protocol", "core"},
     "server": {"config", "protocol", "core", "security", "logs", "redis"},
+    # The Python client (rtcsignal.client) is the outermost layer: it speaks the wire
+    # protocol over the websockets library and shares no code with the server.
+    "client": set(),
 }
+#: Layers nothing else in the package may import.
+OUTERMOST = {"client"}
 
 
 def module_name(path: Path) -> str:
@@ -100,3 +105,32 @@ def test_pure_modules_import_no_io_or_crypto() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "", f"pure modules pulled in: {out}"
+
+
+def test_nothing_imports_the_client() -> None:
+    bad = [f"{m} -> {d}" for m, deps in graph().items() for d in deps
+           if layer(d) in OUTERMOST and layer(m) != layer(d)]
+    assert not bad, bad
+
+
+def test_client_and_server_load_without_each_other() -> None:
+    """The client pulls in no server module, the server and the CLI not the client nor
+    the websockets library it runs on."""
+    code = (
+        "import sys, importlib; importlib.import_module(sys.argv[1]); "
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] == 'websockets' "
+        "or m.startswith('rtcsignal.'))))"
+    )
+
+    def loaded(module: str) -> set[str]:
+        out = subprocess.run([sys.executable, "-c", code, module], capture_output=True,
+                             text=True, check=True).stdout
+        return set(out.split())
+
+    client = loaded("rtcsignal.client")
+    assert "rtcsignal.client" in client and "websockets" in client
+    assert client - {"rtcsignal.client"} <= {m for m in client if m.startswith("websockets")}
+    for server in ("rtcsignal.server.service", "rtcsignal.cli"):
+        mods = loaded(server)
+        assert server in mods, mods
+        assert not {m for m in mods if m == "rtcsignal.client" or m.startswith("websockets")}

@@ -15,9 +15,12 @@ import base64
 import contextlib
 import json
 import os
+import re
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -30,6 +33,7 @@ from tests.helpers import TIMEOUT, open_client
 from tests.test_nginx import free_port
 
 Event = dict[str, Any]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Recorder:
@@ -299,6 +303,19 @@ async def test_crash_without_a_broker_rejoins_as_a_new_peer(run_server):
             assert me.peers(room)[0]["meta"] == {"name": name}
         assert {a.polite(b.peer_id), b.polite(a.peer_id)} == {True, False}
         assert seen.of("joined")[0]["room"] == room
+
+
+async def test_the_guide_example_runs_verbatim(server):
+    """docs/python-client.md's first program, as written, with only its URL pointed here."""
+    doc = (ROOT / "docs" / "python-client.md").read_text()
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    assert 'URL = "ws://127.0.0.1:8083/signaling"' in code
+    code = code.replace("ws://127.0.0.1:8083/signaling", server.url())
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    assert (proc.returncode, out.decode()) == (0, "load: 0.42 from the bot\n")
 
 
 # --- two instances on Redis ----------------------------------------------------------------

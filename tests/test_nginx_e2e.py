@@ -8,16 +8,19 @@ through it: ``https://`` and ``wss://`` only. The presenter's session and the vi
 sessions are on different instances (told by each instance's ``connect`` log line), so every
 offer, answer and ICE candidate crosses Redis. Then the presenter's instance restarts: the
 presenter follows ``reconnect``/1012 through nginx to the other instance and resumes there.
+The Python client (rtcsignal.client) does the same over ``wss://``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from rtcsignal.client import SignalingClient
 from tests.browser import (  # noqa: F401  (pages_fixture: a fixture)
     chromium_with,
     pages_fixture,
@@ -120,3 +123,42 @@ async def test_screen_share_over_nginx_wss_with_two_instances(
         await wait_js(viewer, "() => document.getElementById('log').textContent"
                               ".includes('after the restart')")
     assert pages.errors == []
+
+
+async def test_python_client_resumes_through_nginx_wss(make_cluster, nginx_for,  # noqa: F811
+                                                       tmp_path: Path):
+    """rtcsignal.client over wss:// through nginx (trusting the throwaway certificate): a
+    dropped socket resumes with the same peer id, and when its instance restarts, nginx
+    takes the reconnect to the other one (the draining one answers 503, then refuses)."""
+    cluster = make_cluster(2, "--drain-spread", "1")
+    cert, key = self_signed(tmp_path)
+    nginx = nginx_for(cluster.instances, tls=(cert, key))
+    trusting = ssl.create_default_context(cafile=str(cert))
+    a = SignalingClient(nginx.url(), ssl=trusting)
+    b = SignalingClient(nginx.url(), ssl=trusting)
+    try:
+        await a.connect(timeout=10)
+        await b.connect(timeout=10)
+        await a.join("py-nginx")
+        await b.join("py-nginx")
+        peer = a.peer_id
+        assert a.socket.request.path.startswith("/signaling")
+        reopened = a.wait_for("open", timeout=10)
+        a.socket.transport.abort()
+        assert (await reopened)["resumed"] and a.peer_id == peer
+
+        # The instance that holds the session now: where it resumed.
+        home, _ = await asyncio.to_thread(
+            cluster.logged, lambda e: e.get("event") == "resume" and e.get("peer") == peer)
+        reopened = a.wait_for("open", timeout=30)
+        assert await asyncio.to_thread(cluster.terminate, home, 30) == 0
+        opened = await reopened
+        assert opened["resumed"] and a.peer_id == peer
+        await asyncio.to_thread(cluster.instance(1 - home).wait_for, lambda e: e.get(
+            "event") == "resume" and e.get("peer") == peer, 10)
+        reply = asyncio.ensure_future(b.recv(timeout=10))
+        a.send(b.peer_id, {"type": "after-restart"})
+        assert (await reply)["from"] == peer
+    finally:
+        await a.close()
+        await b.close()

@@ -463,11 +463,11 @@ class SignalingClient:
                     "previousPeerId": None, "greeting": greeting}
         opened, off = self._once("open")
         try:
-            self._reconnect_after = 0.0
             if self._ws is not None:
+                self._reconnect_after = 0.0  # the delay after this drop: none
                 self._drop(self._ws, "reconnect requested")
             elif self._wake is not None:
-                self._wake.set()
+                self._wake.set()  # cut the wait short
             return await asyncio.wait_for(opened, timeout)
         finally:
             off()
@@ -503,12 +503,12 @@ class SignalingClient:
                     self._finish(ended.code, ended.reason, error)
                     return
                 delay = self._next_delay(ended)
+                assert self._wake is not None
+                self._wake.clear()  # before the events: a listener may call reconnect()
                 self._set_state("reconnecting")
                 self._emit("close", {"code": ended.code, "reason": ended.reason,
                                      "willReconnect": True, "delay": delay})
                 log.debug("reconnecting in %.3f s after %s %s", delay, ended.code, ended.reason)
-                assert self._wake is not None
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay)
         except Exception as exc:  # a bug here must not leave connect() waiting forever
@@ -648,6 +648,7 @@ class SignalingClient:
         self._outbox.clear()
         self._sendq.clear()
         self._resume_token = None
+        self._reconnect_after = None
         self._ever_opened = False
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(closed)

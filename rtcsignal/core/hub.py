@@ -471,6 +471,7 @@ class Hub:
             if peer.limited_since is not None and bucket.tokens >= 1.0:
                 peer.limited_since = None
             return True
+        self.metrics.rate_limited += 1
         quiet = peer.limited_since is not None  # log the start of a flood, not every refusal
         if peer.limited_since is None:
             peer.limited_since = now

@@ -37,6 +37,7 @@ from rtcsignal.core import messages
 from rtcsignal.core.broker import JoinDone, JoinFailed, Member
 from rtcsignal.core.hub import MOVED, Hub, Peer
 from rtcsignal.core.messages import ErrorCode
+from rtcsignal.core.metrics import BROKER_BUCKETS, Histogram
 from rtcsignal.core.resume import Holding, Mailbox
 
 log = logging.getLogger("rtcsignal")
@@ -255,6 +256,7 @@ class RedisBroker:
         self.stats = {"publishes": 0, "received": 0, "publish_errors": 0, "reconnects": 0,
                       "reaped": 0}
         self.probe_rtt = 0.0
+        self.latency = Histogram(BROKER_BUCKETS)  # round trips of the command pipelines
         self.lease_held = False
         self.subscribed: set[bytes] = set()  # channels Redis confirmed
         self._ops: list[tuple[tuple[Any, ...], Done | None]] = []
@@ -646,7 +648,9 @@ class RedisBroker:
             pipe = self.redis.pipeline(transaction=False)
             for args, _ in batch:
                 pipe.execute_command(*self._command(args))
+            started = time.monotonic()
             results = await pipe.execute(raise_on_error=False)
+            self.latency.observe(time.monotonic() - started)
         except (RedisError, OSError) as exc:
             results = [exc] * len(batch)
             self._unready(f"Redis unreachable: {exc}")

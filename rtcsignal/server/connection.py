@@ -17,14 +17,15 @@ the send queue is closed with 1013 when it stays over ``max_send_buffer`` for
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rtcsignal.config import Config
-from rtcsignal.core.metrics import Metrics
+from rtcsignal.core.metrics import READ_SAMPLE_MASK, Metrics
 from rtcsignal.protocol import frames
 from rtcsignal.protocol.http import (
     HttpError,
@@ -47,6 +48,8 @@ SEND_BUFFER_HARD_FACTOR = 4
 
 #: An HTTP answer: status, body, content type, extra headers.
 Answer = tuple[int, bytes, str, dict[str, str]]
+#: Answers being computed (``Owner.http`` returned an awaitable), kept from the collector.
+_LATER: set[asyncio.Future[Any]] = set()
 
 
 @dataclass(slots=True)
@@ -78,7 +81,13 @@ class Owner(Protocol):
 
     def connection_lost(self, conn: Connection) -> None: ...
 
-    def http(self, conn: Connection, request: Request) -> Answer: ...
+    def http(self, conn: Connection, request: Request) -> Answer | Awaitable[Answer]:
+        """The answer, or an awaitable of it (raising HttpError to refuse): the connection
+        reads nothing more meanwhile and writes the answer when it comes."""
+
+    def sampled(self, started: float) -> None:
+        """One read in ``READ_SAMPLE`` began at ``started`` (``time.perf_counter()``) and
+        has been handled: time the write of what it produced (relay latency)."""
 
     def upgrade(self, conn: Connection, request: Request) -> Handlers:
         """Admit a WebSocket request (raise HttpError to refuse), call ``conn.accept()``,
@@ -142,7 +151,10 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         state = self.state
         if state is OPEN:
-            self.owner.metrics.bytes_in += len(data)
+            metrics = self.owner.metrics
+            metrics.bytes_in += len(data)
+            metrics.reads += 1
+            started = 0.0 if metrics.reads & READ_SAMPLE_MASK else time.perf_counter()
             session = self.session
             events = session.receive_data(data)  # type: ignore[union-attr]
             handlers = self.handlers
@@ -170,6 +182,8 @@ class Connection(asyncio.Protocol):
                     break
             if session.close_transport:  # type: ignore[union-attr]
                 self._session_over()
+            if started:
+                self.owner.sampled(started)
         elif state is HTTP:
             self._read_head(data)
         elif state is CLOSING:  # we sent a close frame; wait for the peer's
@@ -351,9 +365,13 @@ class Connection(asyncio.Protocol):
             if request.path == self.owner.config.path:
                 self._upgrade(request, head[end + 4 :])
             else:
-                status, body, ctype, headers = self.owner.http(self, request)
-                self._answer(response(
-                    status, body, ctype, headers, head=request.method == "HEAD"))
+                answer = self.owner.http(self, request)
+                if isinstance(answer, tuple):
+                    status, body, ctype, headers = answer
+                    self._answer(response(
+                        status, body, ctype, headers, head=request.method == "HEAD"))
+                else:
+                    self._answer_later(answer, request.method == "HEAD")
         except HttpError as exc:
             self._http_error(exc, head=request is not None and request.method == "HEAD")
 
@@ -364,6 +382,37 @@ class Connection(asyncio.Protocol):
         self.handlers = self.owner.upgrade(self, request)
         if rest and self.state is OPEN:
             self.data_received(rest)
+
+    def _answer_later(self, answer: Awaitable[Answer], head: bool) -> None:
+        """An answer that needs a round trip elsewhere (other workers, other instances):
+        nothing more is read from this connection; the answer goes out when it is ready."""
+        self.state = CLOSED  # reads are ignored; connection_lost still cleans up
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        task = asyncio.ensure_future(answer)
+        _LATER.add(task)
+        task.add_done_callback(functools.partial(self._answered, head))
+
+    def _answered(self, head: bool, task: asyncio.Future[Answer]) -> None:
+        _LATER.discard(task)
+        if task.cancelled():
+            self.transport.abort()
+            return
+        if self.transport.is_closing():
+            if not task.cancelled():
+                task.exception()  # retrieved: the client is gone, nobody to tell
+            return
+        try:
+            status, body, ctype, headers = task.result()
+        except HttpError as exc:
+            self._http_error(exc, head=head)
+            return
+        except Exception:
+            log.exception("http answer failed", extra={"fields": {"addr": self.address}})
+            self._http_error(HttpError(500, "internal error"), head=head)
+            return
+        self._answer(response(status, body, ctype, headers, head=head))
 
     def _answer(self, data: bytes) -> None:
         """Write an HTTP answer and end the connection without losing the answer: a
@@ -380,7 +429,7 @@ class Connection(asyncio.Protocol):
         self._arm_abort()
 
     def _http_error(self, exc: HttpError, head: bool = False) -> None:
-        self.owner.metrics.count_rejected(exc.status)
+        self.owner.metrics.count_rejected(exc.status, exc.reason)
         log.info("rejected", extra={"fields": {
             "addr": self.address, "status": exc.status, "reason": exc.reason}})
         self._answer(response(exc.status, exc.reason + "\n", headers=exc.headers, head=head))

@@ -9,7 +9,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from rtcsignal.config import Config
@@ -23,7 +23,7 @@ from rtcsignal.protocol import frames
 from rtcsignal.protocol.http import HttpError, Request
 from rtcsignal.security.admission import Admission
 from rtcsignal.security.turn import ice_servers
-from rtcsignal.server import endpoints
+from rtcsignal.server import endpoints, scrape
 from rtcsignal.server.connection import Answer, Connection, Handlers
 
 log = logging.getLogger("rtcsignal")
@@ -113,6 +113,8 @@ class SignalingService:
                            lambda: len(self.hub.rooms))
         if self.broker is not None:
             self._broker_metrics(self.broker)
+        scrape.install(self)  # scrape-time figures; and with --workers, one page for all
+        self.scrape = scrape.Scrape(self)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -133,6 +135,7 @@ class SignalingService:
             reuse_address=True, reuse_port=cfg.workers > 1,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        await self.scrape.start()
         if self.draining:  # shutdown() was requested while we were binding
             self._server.close()
             return
@@ -183,6 +186,7 @@ class SignalingService:
         self._expire_parked()  # not back in time: announced left now
         if self._server is not None:
             self._server.close()
+        self.scrape.stop()
         self._flush()
         if self.broker is not None:
             await self.broker.stop()
@@ -285,8 +289,11 @@ class SignalingService:
             self.admission.release(admitted)
         self.connection_gone()
 
-    def http(self, conn: Connection, request: Request) -> Answer:
+    def http(self, conn: Connection, request: Request) -> Answer | Awaitable[Answer]:
         self._unhold(conn)
+        later = self.scrape.answer(request)  # with --workers, every worker's metrics
+        if later is not None:
+            return later
         return endpoints.handle(
             request, conn.address, config=self.config, metrics=self.metrics,
             admission=self.admission, unready=self.unready(), now=self.loop.time(),
@@ -498,6 +505,7 @@ class SignalingService:
                 else:
                     self.hub.remove(peer, reason)
             self.metrics.count_disconnect(reason)
+            self.metrics.count_close(code)
             if conn in self.counted:
                 self.counted.discard(conn)
                 self.broker.disconnected()
@@ -517,7 +525,17 @@ class SignalingService:
         total = 0
         for conn in dirty:
             total += conn.flush()
-        self.metrics.bytes_out += total
+        metrics = self.metrics
+        metrics.bytes_out += total
+        if metrics.stamp:  # a sampled read's frames were among these: read -> written
+            metrics.relay_latency.observe(time.perf_counter() - metrics.stamp)
+            metrics.stamp = 0.0
+
+    def sampled(self, started: float) -> None:
+        """A sampled read was handled: if it queued frames (a flush is due), the flush
+        observes the latency; a read that wrote nothing is not timed."""
+        if self._flush_scheduled and not self.metrics.stamp:
+            self.metrics.stamp = started
 
     # --- heartbeat ----------------------------------------------------------------------
 

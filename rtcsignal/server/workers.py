@@ -18,9 +18,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,6 +33,9 @@ log = logging.getLogger("rtcsignal")
 
 #: Set in a worker's environment (0 .. N-1): the process is a worker, not a supervisor.
 WORKER_ENV = "RTCSIGNAL_WORKER_INDEX"
+#: A directory only the supervisor's user can enter, where each worker serves its metrics
+#: on a unix socket so that one scrape shows every worker (server/scrape.py).
+DIR_ENV = "RTCSIGNAL_WORKER_DIR"
 READY = b"ready\n"
 
 #: Restart delay after an unasked exit: doubles from the first to the max, and starts over
@@ -146,10 +151,11 @@ class Supervisor:
     on SIGTERM/SIGINT. ``run()`` returns the exit status."""
 
     def __init__(self, config: Config, argv: Sequence[str], port: int, log_format: str,
-                 load: Callable[[], Config] | None = None) -> None:
+                 load: Callable[[], Config] | None = None, directory: str = "") -> None:
         self.config = config
         self.port = port
         self.load = load
+        self.directory = directory
         # The same arguments; later flags win, so these pin what every worker must share.
         # Workers log to their stderr, which we copy to our log stream (--log-file too).
         self.command = [sys.executable, "-m", "rtcsignal", *argv, f"--port={port}",
@@ -266,7 +272,8 @@ class Supervisor:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, env={**os.environ, WORKER_ENV: str(w.index)},
+                stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, WORKER_ENV: str(w.index), DIR_ENV: self.directory},
                 limit=LINE_LIMIT,
                 start_new_session=True,  # a terminal's Ctrl-C reaches us; we tell the workers
             )
@@ -321,8 +328,9 @@ def supervise(config: Config, argv: Sequence[str],
     if fmt == "auto":  # resolved here: a worker's stderr is our pipe, never a terminal
         fmt = "json" if config.log_file or not sys.stderr.isatty() else "text"
     held, port = hold_port(config.host, config.port)
+    directory = tempfile.mkdtemp(prefix="rtcsignal-")  # mode 0700
     try:
-        supervisor = Supervisor(config, argv, port, fmt, load)
+        supervisor = Supervisor(config, argv, port, fmt, load, directory)
         try:
             import uvloop
         except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
@@ -331,3 +339,4 @@ def supervise(config: Config, argv: Sequence[str],
     finally:
         for sock in held:
             sock.close()
+        shutil.rmtree(directory, ignore_errors=True)

@@ -67,6 +67,9 @@ class EchoOwner:
     def mark_dirty(self, conn: Connection) -> None:
         self.loop.call_soon(conn.flush)
 
+    def sampled(self, started: float) -> None:
+        pass  # no relay latency here
+
 
 async def main(port: int) -> None:
     loop = asyncio.get_running_loop()

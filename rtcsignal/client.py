@@ -35,7 +35,7 @@ import random
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -1045,22 +1045,3 @@ def _quiet_future() -> asyncio.Future[Any]:
 def _hashable(value: Any) -> bool:
     return isinstance(value, str | int | float | bool) or value is None
 
-
-async def _main(argv: Iterable[str] | None = None) -> None:  # pragma: no cover (a tool)
-    """``python -m rtcsignal.client URL [ROOM]``: join ROOM and print every event."""
-    import sys
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args:
-        print("usage: python -m rtcsignal.client ws://HOST:PORT/signaling [ROOM]")
-        raise SystemExit(2)
-    async with SignalingClient(args[0]) as client:
-        print(json.dumps(client.greeting))
-        if len(args) > 1:
-            print(json.dumps(await client.join(args[1])))
-        async for kind, event in client.events():
-            print(kind, json.dumps(event, default=str))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    asyncio.run(_main())

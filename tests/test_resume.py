@@ -448,11 +448,14 @@ async def test_rolling_restart_loses_nothing_and_keeps_every_peer_id(make_cluste
         await asyncio.gather(*senders, *readers, return_exceptions=True)
         await close_all([c.ws for c in clients if c.ws is not None])
 
-    assert test.other == []
-    assert test.duplicates == 0
     sent = sum(len(v) for v in test.sent.values())
     delivered = sum(len(v) for v in test.delivered.values())
     expired = sum(len(v) for v in test.expired.values())
+    print(f"rolling restart: sent {sent}, delivered {delivered}, expired {expired}, "
+          f"duplicates {test.duplicates}, reconnects {test.reconnects}, "
+          f"resumes {sum(c.resumes for c in clients)}, missed {test.missed}")
+    assert test.other == []
+    assert test.duplicates == 0
     assert sent > 2000 and test.reconnects >= 200
     assert delivered + expired == sent, (delivered, expired, sent)
     for key, seqs in test.sent.items():  # each message exactly one fate, order per sender

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import close_all, get, open_client, recv_json, send_json
+from tests.helpers import close_all, get, http_request, open_client, recv_json, send_json
 
 ROOT = Path(__file__).resolve().parent.parent
 OPERATIONS = (ROOT / "docs" / "operations.md").read_text()
@@ -74,7 +74,7 @@ async def expect(ws: Any, kind: str) -> dict[str, Any]:
 
 
 async def test_every_documented_metric_is_on_the_page_after_a_session(make_cluster):
-    cluster = make_cluster(2)
+    cluster = make_cluster(2, "--admin-token", "sesame-" + "x" * 20)
     one, two = cluster.instance(0), cluster.instance(1)
     a, ga = await open_client(one.url("room=m"))
     await expect(a, "joined")
@@ -120,6 +120,9 @@ async def test_every_documented_metric_is_on_the_page_after_a_session(make_clust
     e, fresh = await open_client(one.url("resume=nobody-has-this-token"))
     assert not fresh["resumed"]
     await close_all([d, e])
+    # A wrong admin token (the admin API's own failures count too).
+    assert (await http_request(one.host, one.port, "/admin/stats",
+                               headers={"Authorization": "Bearer wrong"}))[0] == 401
 
     samples, _ = await scrape(one)
     on_page = {base_name(n) for n in samples}
@@ -143,6 +146,7 @@ async def test_every_documented_metric_is_on_the_page_after_a_session(make_clust
     assert value(samples, "rtcsignal_resumes_total", outcome="resumed") == 1
     assert value(samples, "rtcsignal_resumes_total", outcome="fresh") == 1
     assert value(samples, "rtcsignal_auth_failures_total", kind="resume") == 1
+    assert value(samples, "rtcsignal_auth_failures_total", kind="admin") == 1
     assert value(samples, "rtcsignal_rooms_open") == 1
     assert value(samples, "rtcsignal_room_peers_bucket", le="1.0") == 0
     assert value(samples, "rtcsignal_room_peers_bucket", le="2.0") == 1

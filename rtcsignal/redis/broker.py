@@ -3,8 +3,8 @@
 Channels (``P`` = ``--broker-prefix``): ``P:r:<room>`` carries a room's relays and presence
 events and is subscribed by the instances with members in it; ``P:l`` the default room's
 relays; ``P:n:<node>`` messages for one instance (``to`` a peer there, errors, its own
-readiness probe). Keys: ``P:p:<room>`` a hash of the room's members (peer -> node, join
-order, meta); ``P:v`` the counter that orders joins and leaves; ``P:nr:<node>`` the rooms
+readiness probe, the admin API's requests and replies: kind ``Q``). Keys: ``P:p:<room>`` a
+hash of the room's members (peer -> node, join order, meta); ``P:v`` the counter that orders joins and leaves; ``P:nr:<node>`` the rooms
 where a node has members; ``P:node:<node>`` the node's lease (``--presence-ttl``);
 ``P:nodes`` the known nodes; ``P:c`` each node's client count.
 
@@ -278,6 +278,7 @@ class RedisBroker:
         self._repairing: asyncio.Future[None] | None = None  # mirror members missing at the last repair
         self.resume_window = 0.0  # the REAP keeps a lost node's sessions this long
         self.on_release: Callable[[str], None] | None = None  # a peer of ours resumed elsewhere
+        self.on_query: Callable[[dict[str, Any], bytes], None] | None = None  # admin (Q)
         # Resumes in flight: token key -> (placeholder, done) until the claim's marker;
         # then adopted peers waiting for their old node's handover.
         self._claiming: dict[str, tuple[Peer, Callable[[Any], None]]] = {}
@@ -559,6 +560,15 @@ class RedisBroker:
 
     def clients(self, local: int) -> int:
         return local + self._others
+
+    def query(self, node: str, head: dict[str, Any], data: bytes = b"") -> None:
+        """An admin request or reply (kind ``Q``, server/admin.py) for ``node``."""
+        self._queue(("PUBLISH", self._node_channel(node),
+                     orjson.dumps({**head, "k": "Q"}) + b"\n" + data), None)
+
+    async def nodes(self) -> list[str]:
+        """The nodes of the deployment (those with a lease, and dead ones not yet reaped)."""
+        return sorted(n.decode() for n in await self.redis.smembers(f"{self.prefix}:nodes"))
 
     def connected(self, done: Callable[[int], None]) -> None:
         """Count a new client cluster-wide; ``done(total)`` gets the exact count with it
@@ -862,6 +872,9 @@ class RedisBroker:
             self._take(head)
         elif k == "H":
             self._handed_over(head, data)
+        elif k == "Q":  # the admin API's requests and replies between nodes
+            if self.on_query is not None:
+                self.on_query(head, data)
         elif k == "P":
             now = time.monotonic()
             self._probe_seen = now

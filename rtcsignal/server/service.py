@@ -24,6 +24,7 @@ from rtcsignal.protocol.http import HttpError, Request
 from rtcsignal.security.admission import Admission
 from rtcsignal.security.turn import ice_servers
 from rtcsignal.server import endpoints, scrape
+from rtcsignal.server.admin import Admin
 from rtcsignal.server.connection import Answer, Connection, Handlers
 
 log = logging.getLogger("rtcsignal")
@@ -115,6 +116,7 @@ class SignalingService:
             self._broker_metrics(self.broker)
         scrape.install(self)  # scrape-time figures; and with --workers, one page for all
         self.scrape = scrape.Scrape(self)
+        self.admin = Admin(self)  # /admin/, with --admin-token
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -136,6 +138,7 @@ class SignalingService:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         await self.scrape.start()
+        self.admin.start()
         if self.draining:  # shutdown() was requested while we were binding
             self._server.close()
             return
@@ -187,6 +190,7 @@ class SignalingService:
         if self._server is not None:
             self._server.close()
         self.scrape.stop()
+        self.admin.stop()
         self._flush()
         if self.broker is not None:
             await self.broker.stop()
@@ -291,8 +295,8 @@ class SignalingService:
 
     def http(self, conn: Connection, request: Request) -> Answer | Awaitable[Answer]:
         self._unhold(conn)
-        later = self.scrape.answer(request)  # with --workers, every worker's metrics
-        if later is not None:
+        later = self.scrape.answer(request) or self.admin.answer(request, conn.address)
+        if later is not None:  # every worker's metrics; the admin API
             return later
         return endpoints.handle(
             request, conn.address, config=self.config, metrics=self.metrics,

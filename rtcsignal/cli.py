@@ -78,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config", nargs="?", metavar="FILE",
                        help="TOML settings file (default: env RTCSIGNAL_CONFIG)")
     _add_settings(check)
+    from rtcsignal import loadtest
+
+    bench = sub.add_parser(
+        "bench", help="drive a realistic signaling load against a server and report "
+        "throughput, latency and errors",
+        description="A realistic signaling load: rooms of a few peers exchanging "
+        "offer/answer/candidate bursts addressed with `to`; a live progress line; "
+        "throughput, p50/p99/max latency and errors at the end (docs/operations.md).")
+    loadtest.add_arguments(bench)
     return parser
 
 
@@ -235,6 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config" and args.config_command == "example":
         sys.stdout.write(example())
         return 0
+    if args.command == "bench":
+        from rtcsignal import loadtest
+
+        return loadtest.main(args)
     config: Config | None = None
     try:
         config = _resolve(args)

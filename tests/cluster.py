@@ -38,6 +38,22 @@ def _server_process(*flags: str, env: dict[str, str] | None = None) -> ServerPro
     return ServerProcess(*flags, env=env)
 
 
+def first_logged(servers: Sequence[ServerProcess], pred: Callable[[dict], bool],
+                 timeout: float = 10.0) -> tuple[int, dict]:
+    """The first of ``servers`` (index, log line) with a log line matching ``pred``; the
+    lines arrive through each server's reader thread, so this waits for them (blocking:
+    call it with ``asyncio.to_thread`` from a test's loop)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for i, s in enumerate(servers):
+            for e in list(s.lines):
+                if pred(e):
+                    return i, e
+        if time.monotonic() > deadline:
+            raise AssertionError("no server logged the line")
+        time.sleep(0.01)
+
+
 class Balancer:
     """A round-robin TCP proxy on 127.0.0.1 in front of ``targets()``.
 
@@ -270,15 +286,7 @@ class Cluster:
 
     def logged(self, pred: Callable[[dict], bool], timeout: float = 10.0) -> tuple[int, dict]:
         """The first instance (index, log line) with a line matching ``pred``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, s in enumerate(self.instances):
-                for e in list(s.lines):
-                    if pred(e):
-                        return i, e
-            if time.monotonic() > deadline:
-                raise AssertionError("no instance logged the line")
-            time.sleep(0.01)
+        return first_logged(self.instances, pred, timeout)
 
     # --- faults and teardown ------------------------------------------------------------
 

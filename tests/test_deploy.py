@@ -11,6 +11,7 @@ and the compose file's own upstream block.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -30,6 +31,7 @@ import yaml
 from rtcsignal import cli
 from rtcsignal.config import Config
 from rtcsignal.server.workers import STOP_GRACE
+from tests.cluster import first_logged
 from tests.test_auth_tls_turn import self_signed
 from tests.test_nginx import (
     DEPLOY,
@@ -316,11 +318,12 @@ async def test_compose_topology_runs_on_loopback(
     await b.send(json.dumps({"type": "offer", "sdp": "v=0", "to": ga["peerId"]}))
     assert (await recv(a, "offer"))["from"] == gb["peerId"]
 
+    names = list(started)
     hosts = {}
     for peer in (ga["peerId"], gb["peerId"]):
-        for host, server in started.items():
-            if any(e.get("event") == "connect" and e.get("peer") == peer for e in server.lines):
-                hosts[peer] = host
+        i, _ = await asyncio.to_thread(first_logged, [started[n] for n in names], lambda e, p=peer:
+                                       e.get("event") == "connect" and e.get("peer") == p)
+        hosts[peer] = names[i]
     assert sorted(hosts.values()) == sorted(instances), hosts  # one client on each
     await a.close()
     await b.close()

@@ -177,8 +177,11 @@ class SignalingService:
                 delay = spread * (i + random.random()) / len(conns)
                 self.loop.call_later(delay, self._restart_client, conn)
         else:
+            # Every close frame goes out before any session ends, so nobody is sent the
+            # others' peer-left on its way out (which ones would get it would depend on the
+            # order); messages still arriving during the handshakes are handled.
             for conn in conns:
-                conn.close(frames.CLOSE_GOING_AWAY, "server shutting down")
+                conn.close(frames.CLOSE_GOING_AWAY, "server shutting down", linger=True)
             self._expire_parked()
         self._all_gone = asyncio.Event()
         self.connection_gone()

@@ -131,6 +131,7 @@ async def test_admin_api_with_and_without_the_token(run_server):
     assert (await admin(server, "/admin/rooms/demo"))[0] == 404
     _, stats = await admin(server, "/admin/stats")
     assert stats["connections"] == 0 and stats["rooms"] == []
+    assert TOKEN not in "".join(server.raw)  # the token is never logged
 
 
 async def test_refused_attempts_are_throttled_like_failed_tokens(run_server):

@@ -278,3 +278,34 @@ async def test_sighup_changes_the_log_level(log_file_server, tmp_path):
     await asyncio.to_thread(server.wait_for, log, lambda e: e.get("event") == "reload failed")
     assert not [e for e in server.lines(log) if e.get("peer") == greeting["peerId"]]
     await ws.close()
+
+
+async def test_sighup_rotates_the_jwt_secret_and_open_connections_stay(run_server, tmp_path):
+    from rtcsignal.config import Config
+    from rtcsignal.security.tokens import mint
+
+    old_secret, new_secret = "o" * 48, "n" * 48
+    secret_file = tmp_path / "jwt.secret"
+    secret_file.write_text(old_secret)
+    server = run_server("--auth", "jwt", "--jwt-secret-file", str(secret_file))
+    old_token = mint(Config(auth="jwt", jwt_secret=old_secret), sub="alice")
+    new_token = mint(Config(auth="jwt", jwt_secret=new_secret), sub="bob")
+    alice, _ = await open_client(server.url(f"token={old_token}"))
+    assert await refused(server.url(f"token={new_token}"), A) == 401
+
+    secret_file.write_text(new_secret)
+    server.proc.send_signal(signal.SIGHUP)
+    await log_line(server, lambda e: e.get("event") == "reloaded")
+    assert await refused(server.url(f"token={old_token}"), A) == 401
+    bob, _ = await open_client(server.url(f"token={new_token}"))
+    await send_json(alice, {"type": "hello"})  # the default room: alice's connection stays
+    got = await recv_json(bob)
+    assert got["type"] == "hello"
+    secret_file.unlink()  # an unreadable key file: nothing changes, one line says why
+    server.proc.send_signal(signal.SIGHUP)
+    failed = await log_line(server, lambda e: e.get("event") == "reload failed")
+    assert "jwt_secret_file" in failed["reason"], failed
+    assert await refused(server.url(f"token={new_token}"), A) == 101
+    raw = "".join(server.raw)
+    assert old_secret not in raw and new_secret not in raw and new_token not in raw
+    await close_all([alice, bob])

@@ -175,6 +175,7 @@ async def test_admin_across_two_instances(make_cluster):
     b, b_id = await member(two.url(), {"name": "Bob"})
     c, c_id = await member(two.url(), {"name": "Cy"})
     solo, _ = await open_client(two.url("room=solo"))
+    await next_of(solo, "joined")
     await next_of(a, "peer-joined")
     await next_of(a, "peer-joined")
 

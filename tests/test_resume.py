@@ -344,7 +344,7 @@ class Resilient:
     async def _reconnect(self) -> None:
         self.connected.clear()
         ws, g = await self._open(self.token)
-        assert g["resumed"] is True and g["peerId"] == self.peer_id, g
+        assert g["resumed"] is True and g["peerId"] == self.peer_id, (self.peer_id, g)
         self.resumes += 1
         self.test.missed += g["missed"]
         self.ws = ws
@@ -432,12 +432,22 @@ async def test_rolling_restart_loses_nothing_and_keeps_every_peer_id(make_cluste
         c.mates = [m.peer_id for m in clients if m.room == c.room and m is not c]
     readers = [asyncio.ensure_future(c.run()) for c in clients]
     senders = [asyncio.ensure_future(c.send_loop()) for c in clients]
-    try:
+
+    async def restarts() -> None:
         for i in range(3):
             test.draining.add(i)
             status = await asyncio.to_thread(cluster.instance(i).stop, signal.SIGTERM, 30)
             assert status == 0
             await asyncio.to_thread(cluster.add, 1)
+
+    try:
+        # A client that fails (a resume that did not resume) fails the test at once.
+        restarting = asyncio.ensure_future(restarts())
+        await asyncio.wait([restarting, *readers], return_when=asyncio.FIRST_COMPLETED)
+        for t in [restarting, *readers]:
+            if t.done():
+                t.result()  # raises what failed
+        assert restarting.done(), "a client stopped before the restarts ended"
         test.stop_sending = True
         await asyncio.gather(*senders)
         await test.settled(20)

@@ -660,12 +660,10 @@ class Hub:
         """``peer``'s connection dropped: it stays in its rooms (no ``peer-left``) and what
         it is sent waits in a mailbox, until ``resume_local`` or ``expire``."""
         mailbox = Mailbox(max_messages, max_bytes,
-                          lambda frame: self._report_dropped(peer.id, frame))
+                          lambda frame: self.report_dropped(peer.id, frame))
         if type(peer.sink) is not Mailbox:
             self.away += 1
-        peer.sink = mailbox
-        peer.backlog = None  # what it sent before the drop and we had not handled: gone
-        peer.joining = None
+        peer.sink = mailbox  # what it sent before the drop is still handled, in order
         peer.limited_since = None
         return mailbox
 
@@ -674,7 +672,7 @@ class Hub:
         ``expired``, then the peer leaves its rooms (``peer-left``, reason ``timeout``)."""
         if type(peer.sink) is Mailbox:
             for frame in peer.sink.take():
-                self._report_dropped(peer.id, frame)
+                self.report_dropped(peer.id, frame)
         self.remove(peer, "timeout")
 
     def resume_local(self, peer: Peer, sink: Sink) -> tuple[Sink, list[bytes], int]:
@@ -754,7 +752,8 @@ class Hub:
             if node:
                 self.broker.publish_error(node, peer_id, data)
 
-    def _report_dropped(self, peer_id: str, frame: bytes) -> None:
+    def report_dropped(self, peer_id: str, frame: bytes) -> None:
+        """A frame ``peer_id`` will never get: its sender, if it gave an ``id``, is told."""
         found = resume.sender_and_ref(self.unframe(frame))
         if found is not None:
             self.metrics.resume_expired += 1

@@ -67,6 +67,22 @@ def payload_of(frame: bytes) -> bytes:
     return frame[2 + (n == 126) * 2 + (n == 127) * 8:]
 
 
+def split_frames(data: bytes) -> list[bytes]:
+    """Frames made by ``encode_frame``, written back to back, one by one."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        n = data[pos + 1] & 0x7F
+        head = 2
+        if n == 126:
+            n, head = int.from_bytes(data[pos + 2:pos + 4], "big"), 4
+        elif n == 127:
+            n, head = int.from_bytes(data[pos + 2:pos + 10], "big"), 10
+        out.append(data[pos:pos + head + n])
+        pos += head + n
+    return out
+
+
 def encode_close(code: int, reason: str = "") -> bytes:
     raw = reason.encode()[:123].decode(errors="ignore").encode()  # never split a character
     return encode_frame(OP_CLOSE, code.to_bytes(2, "big") + raw)

@@ -39,6 +39,7 @@ from rtcsignal.core.hub import MOVED, Hub, Peer
 from rtcsignal.core.messages import ErrorCode
 from rtcsignal.core.metrics import BROKER_BUCKETS, Histogram
 from rtcsignal.core.resume import Holding, Mailbox
+from rtcsignal.protocol.frames import split_frames
 
 log = logging.getLogger("rtcsignal")
 
@@ -51,8 +52,9 @@ RETRY_MIN = 0.1
 RETRY_MAX = 2.0
 #: Seconds ``start`` waits for Redis before the server listens anyway, unready.
 STARTUP_WAIT = 3.0
-#: Seconds a resume waits for its claim's marker, then for the old node's handover.
-HANDOVER_TIMEOUT = 2.0
+#: Seconds a resume waits for its claim's marker, then for the old node's handover (a
+#: live node answers in milliseconds; only a dead one whose lease still runs is waited for).
+HANDOVER_TIMEOUT = 5.0
 #: The close a connection gets when its session was resumed on another node.
 CLOSE_SESSION_TAKEN = 4409
 
@@ -534,6 +536,9 @@ class RedisBroker:
             done, timer = waiting
             timer.cancel()
             done(([data] if data else [], int(head["missed"])))
+        elif data:  # too late: the peer is live since; delivering now could reorder
+            for frame in split_frames(data):
+                self.hub.report_dropped(head["p"], frame)
 
     def _handover_lost(self, peer_id: str) -> None:
         """The old node did not hand over in time (dead, its lease not yet expired): what

@@ -388,13 +388,8 @@ class SignalingService:
         """The broker's answer to a resume: None (a fresh session), the local peer that
         owns the token, or ``(frames, missed)``: ``peer`` was adopted here under its old id
         and these are what its old node kept for it."""
-        if conn not in self.connections:  # the new connection went away meanwhile
-            if outcome is not None and not isinstance(outcome, Peer):
-                held = peer.sink.frames if type(peer.sink) is Holding else []
-                self._park(peer)
-                for frame in outcome[0] + held:
-                    peer.sink.send(frame)
-            return
+        if conn not in self.connections and (outcome is None or isinstance(outcome, Peer)):
+            return  # the new connection went away before anything was taken
         if outcome is None:
             self.hub.unblock(peer, "")
             self._fresh(conn)
@@ -402,19 +397,19 @@ class SignalingService:
         elif isinstance(outcome, Peer):
             self.hub.unblock(peer, "")
             self._resume_here(conn, outcome, peer, None)
-        else:
+        elif conn not in self.connections:  # adopted, but gone again: park it here
+            self._greet_resumed(conn, peer, outcome[0], outcome[1], 0)
+        else:  # adopted here; its sink holds what came after the claim
             sent, missed = outcome
-            held = peer.sink.frames if type(peer.sink) is Holding else []
-            peer.sink = conn
             self.counted.add(conn)
             self.broker.connected(functools.partial(
-                self._greet_resumed, conn, peer, sent + held, missed))
+                self._greet_resumed, conn, peer, sent, missed))
 
     def _resume_here(self, conn: Connection, old: Peer, new: Peer, count: int | None) -> None:
         """``conn`` takes over the session of local peer ``old`` (parked, or still on a
         connection that gets 4409); ``new`` was its placeholder, whose early messages
         follow."""
-        old_sink, kept, missed = self.hub.resume_local(old, conn)
+        old_sink, kept, missed = self.hub.resume_local(old, Holding())
         self._unpark(old.id)
         if isinstance(old_sink, Connection) and old_sink is not conn:
             self.connections.discard(old_sink)  # its close must not end the session
@@ -424,8 +419,9 @@ class SignalingService:
             old_sink.close(CLOSE_SESSION_TAKEN, "session taken")
         conn.context = old
         old.address = new.address
-        old.backlog, new.backlog = new.backlog, None
-        old.joining = new.joining
+        if new.backlog:  # what the new connection sent already, after the old one's
+            old.backlog = (old.backlog or []) + new.backlog
+            new.backlog = None
         if self.broker is not None:
             self.counted.add(conn)
             self.broker.connected(functools.partial(self._greet_resumed, conn, old, kept,
@@ -436,14 +432,21 @@ class SignalingService:
 
     def _greet_resumed(self, conn: Connection, peer: Peer, kept: list[bytes], missed: int,
                        count: int) -> None:
-        """The resumed greeting, then what was kept, in order, then whatever came after."""
+        """The resumed greeting, then what was kept, in order, then what came meanwhile
+        (held until now: nothing may reach the client before its greeting)."""
         hub = self.hub
         self.metrics.resumes["resumed"] = self.metrics.resumes.get("resumed", 0) + 1
-        if conn not in self.connections:
+        held = peer.sink.frames if type(peer.sink) is Holding else []
+        if conn not in self.connections:  # gone again: all of it waits for the next resume
             self._park(peer)
+            for frame in kept + held:
+                peer.sink.send(frame)
             return
+        peer.sink = conn
         conn.send(hub.frame(messages.encode(self._greeting(peer, count, missed))))
         for frame in kept:
+            conn.send(frame)
+        for frame in held:
             conn.send(frame)
         if log.isEnabledFor(logging.INFO):
             log.info("resume", extra={"fields": {

@@ -507,7 +507,7 @@ class SignalingService:
             if peer.sink is conn:
                 if self.config.resume_window > 0 and (
                     not self.draining or self.broker is not None
-                ) and (
+                ) and self.hub.away < self.config.max_connections and (
                     code in RESUMABLE_CLOSES
                     or (3000 <= code <= 4999 and code == conn.session.peer_close_code)
                 ) and self.hub.peers.get(peer.id) is peer:

@@ -473,3 +473,23 @@ async def test_rolling_restart_loses_nothing_and_keeps_every_peer_id(make_cluste
         assert got == sorted(got), key
         assert sorted(got + test.expired[key]) == seqs, key
     assert all(c.resumes >= 1 for c in clients)
+
+
+async def test_parked_sessions_are_capped_at_max_connections(run_server):
+    """Parked sessions hold memory without a socket: at most --max-connections of them; a
+    drop past that ends its session at once."""
+    srv = run_server("--max-connections", "2")
+    room = f"r{random.randrange(10**9)}"
+    watcher, _ = await joined_client(srv.url(), room)
+    ids = []
+    for n in range(3):
+        ws, g = await joined_client(srv.url(), room)
+        ids.append(g["peerId"])
+        assert (await recv_json(watcher))["type"] == "peer-joined"
+        drop(ws)
+        if n < 2:
+            await wait_parked(srv, n + 1)
+    left = await recv_json(watcher)
+    assert left == {"type": "peer-left", "room": room, "peerId": ids[2], "reason": "closed"}
+    assert await sync(watcher) == []  # the first two are parked: no peer-left
+    await close_all([watcher])

@@ -64,6 +64,20 @@ async def wait_parked(where: Any, n: int = 1) -> None:
     await asyncio.to_thread(lambda: servers[0].wait_for(lambda e: parked() >= n, 10))
 
 
+async def parked_pair(where: Any, url_a: str = "", url_b: str = "", meta_a: Any = None,
+                      meta_b: Any = None) -> tuple[str, dict[str, Any], ClientConnection,
+                                                   dict[str, Any]]:
+    """Two members of a new room (a through ``url_a``, b through ``url_b``); a's network
+    drops and ``where`` parks its session. Returns (room, a's greeting, b, b's greeting)."""
+    room = f"r{random.randrange(10**9)}"
+    a, ga = await joined_client(url_a or where.url(), room, meta_a)
+    b, gb = await joined_client(url_b or where.url(), room, meta_b)
+    assert (await recv_json(a))["type"] == "peer-joined"
+    drop(a)
+    await wait_parked(where)
+    return room, ga, b, gb
+
+
 async def test_greeting_carries_a_single_use_resume_token(topology):
     ws1, g1 = await open_client(topology.url())
     ws2, g2 = await open_client(topology.url())
@@ -75,12 +89,8 @@ async def test_greeting_carries_a_single_use_resume_token(topology):
 
 
 async def test_resume_keeps_peer_id_rooms_meta_and_delivers_the_gap_in_order(topology):
-    room = f"r{random.randrange(10**9)}"
-    a, ga = await joined_client(topology.url(), room, {"name": "a"})
-    b, gb = await joined_client(topology.url(), room, {"name": "b"})
-    assert (await recv_json(a))["type"] == "peer-joined"
-    drop(a)
-    await wait_parked(topology)
+    room, ga, b, gb = await parked_pair(topology, meta_a={"name": "a"},
+                                        meta_b={"name": "b"})
     # The gap: addressed messages and room messages, with and without ids.
     sent = []
     for n in range(6):
@@ -117,12 +127,7 @@ async def test_resume_keeps_peer_id_rooms_meta_and_delivers_the_gap_in_order(top
 
 async def test_resume_on_the_same_instance_of_a_cluster(make_cluster):
     cluster = make_cluster(2)
-    room = f"r{random.randrange(10**9)}"
-    a, ga = await joined_client(cluster.urls[0], room)
-    b, _ = await joined_client(cluster.urls[1], room)
-    await recv_json(a)
-    drop(a)
-    await wait_parked(cluster.front)
+    _, ga, b, _ = await parked_pair(cluster.front, cluster.urls[0], cluster.urls[1])
     await send_json(b, {"type": "offer", "to": ga["peerId"], "id": "gap"})
     assert await sync(b) == []
     a2, g2 = await open_client(with_query(cluster.urls[0], resume=ga["resumeToken"]))
@@ -164,12 +169,7 @@ async def test_restart_tells_clients_to_reconnect_and_relays_what_they_send_mean
 
 async def test_past_the_window_senders_get_expired_and_one_peer_left(run_topology):
     srv = run_topology("--resume-window", "1")
-    room = f"r{random.randrange(10**9)}"
-    a, ga = await joined_client(srv.url(), room)
-    b, _ = await joined_client(srv.url(), room)
-    await recv_json(a)  # b's peer-joined
-    drop(a)
-    await wait_parked(srv)
+    room, ga, b, _ = await parked_pair(srv)
     for n in range(3):
         await send_json(b, {"type": "offer", "to": ga["peerId"], "id": n})
     await send_json(b, {"type": "note"})  # a room message without id: nobody to tell
@@ -189,12 +189,7 @@ async def test_past_the_window_senders_get_expired_and_one_peer_left(run_topolog
 
 async def test_queue_overflow_is_reported_to_senders_and_in_missed(run_topology):
     srv = run_topology("--resume-queue-messages", "3")
-    room = f"r{random.randrange(10**9)}"
-    a, ga = await joined_client(srv.url(), room)
-    b, _ = await joined_client(srv.url(), room)
-    await recv_json(a)
-    drop(a)
-    await wait_parked(srv)
+    _, ga, b, _ = await parked_pair(srv)
     for n in range(5):
         await send_json(b, {"type": "offer", "to": ga["peerId"], "id": n})
     refused = await sync(b)

@@ -488,3 +488,15 @@ async def test_parked_sessions_are_capped_at_max_connections(run_server):
     assert left == {"type": "peer-left", "room": room, "peerId": ids[2], "reason": "closed"}
     assert await sync(watcher) == []  # the first two are parked: no peer-left
     await close_all([watcher])
+
+
+async def test_resume_while_redis_is_down_opens_a_fresh_session(make_cluster, redis_server):
+    cluster = make_cluster(2)
+    _, ga, b, _ = await parked_pair(cluster.front, cluster.urls[0], cluster.urls[1])
+    redis_server.stop()
+    try:
+        a2, g2 = await open_client(with_query(cluster.urls[1], resume=ga["resumeToken"]))
+        assert g2["resumed"] is False and g2["peerId"] != ga["peerId"]
+    finally:
+        redis_server.start()
+    await close_all([a2, b])

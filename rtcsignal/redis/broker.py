@@ -40,6 +40,7 @@ from rtcsignal.core.messages import ErrorCode
 from rtcsignal.core.metrics import BROKER_BUCKETS, Histogram
 from rtcsignal.core.resume import Holding, Mailbox
 from rtcsignal.protocol.frames import split_frames
+from rtcsignal.redis.subscriber import Subscriber
 
 log = logging.getLogger("rtcsignal")
 
@@ -277,8 +278,8 @@ class RedisBroker:
         self._epoch = b""  # Redis's P:epoch as last seen; a new one means Redis restarted
         self._retry: list[tuple[Any, ...]] = []  # leaves that failed: run again on reconnect
         self._absent: dict[tuple[str, str], float] = {}  # (room, peer) -> missing since
-        self._repairing: asyncio.Future[None] | None = None  # mirror members missing at the last repair
         self.resume_window = 0.0  # the REAP keeps a lost node's sessions this long
+        self._live = False  # subscribed and registered: probes (and repairs) may run
         self.on_release: Callable[[str], None] | None = None  # a peer of ours resumed elsewhere
         self.on_query: Callable[[dict[str, Any], bytes], None] | None = None  # admin (Q)
         # Resumes in flight: token key -> (placeholder, done) until the claim's marker;
@@ -338,10 +339,10 @@ class RedisBroker:
         # Every wait is bounded: a stop must end even if a redis-py connection is stuck.
         with contextlib.suppress(BaseException):
             await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 2)
-        for closing in (self.pubsub, self.redis):
-            if closing is not None:
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait_for(closing.aclose(), 2)
+        if self.pubsub is not None:
+            await self.pubsub.close()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(self.redis.aclose(), 2)
 
     # --- the Broker interface (synchronous; work is queued) ------------------------------
 
@@ -683,15 +684,10 @@ class RedisBroker:
             if command == "SUBSCRIBE":
                 fut = self.loop.create_future()
                 self._confirmed[channel] = fut
-                if self.sharded:
-                    await self.pubsub.ssubscribe(channel)
-                else:
-                    await self.pubsub.subscribe(channel)
+                self.pubsub.send("SSUBSCRIBE" if self.sharded else "SUBSCRIBE", channel)
                 await asyncio.wait_for(fut, 2)
-            elif self.sharded:
-                await self.pubsub.sunsubscribe(channel)
             else:
-                await self.pubsub.unsubscribe(channel)
+                self.pubsub.send("SUNSUBSCRIBE" if self.sharded else "UNSUBSCRIBE", channel)
         except (RedisError, OSError, TimeoutError) as exc:
             self._unready(f"subscription failed: {exc}")
         finally:
@@ -702,49 +698,52 @@ class RedisBroker:
     async def _reader(self) -> None:
         delay = RETRY_MIN
         while not self._stopping:
+            reading: asyncio.Future[None] | None = None
             try:
-                await self._connect_pubsub()
+                await self._detect()
+                self.pubsub = Subscriber(self.redis, self._dispatch)
+                await self.pubsub.connect()
+                reading = asyncio.ensure_future(self.pubsub.run())
+                await self._connect_pubsub(reading)
                 delay = RETRY_MIN
-                while True:
-                    msg = await self.pubsub.get_message(timeout=1.0)
-                    if msg is not None:
-                        self._dispatch(msg)
+                await reading  # until the connection drops
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self._live = False
                 self._unready(f"subscriber lost: {exc}")
                 self.stats["reconnects"] += 1
-                with contextlib.suppress(Exception):
-                    await self.pubsub.aclose()
+                if reading is not None:
+                    reading.cancel()
+                if self.pubsub is not None:
+                    await self.pubsub.close()
                 self.pubsub = None
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, RETRY_MAX)
 
-    async def _connect_pubsub(self) -> None:
-        """A fresh subscriber connection with every channel this node needs, then presence
-        registered again (Redis may have restarted empty)."""
-        await self._detect()
-        pubsub = self.redis.pubsub()
+    async def _connect_pubsub(self, reading: asyncio.Future[None]) -> None:
+        """Subscribe the fresh subscriber connection to every channel this node needs, then
+        register presence again (Redis may have restarted empty)."""
         self.subscribed = set()
         channels = sorted(self._channels)
         waits = {}
         for ch in channels:
             waits[ch] = self._confirmed[ch] = self.loop.create_future()
-        if self.sharded:
-            await pubsub.ssubscribe(*channels)
-        else:
-            await pubsub.subscribe(*channels)
-        self.pubsub = pubsub
-        deadline = time.monotonic() + 5
-        while not all(f.done() for f in waits.values()):
-            if time.monotonic() > deadline:
+        self.pubsub.send("SSUBSCRIBE" if self.sharded else "SUBSCRIBE", *channels)
+        confirmed = asyncio.gather(*waits.values())
+        try:
+            done, _ = await asyncio.wait([reading, confirmed], timeout=5,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if reading in done:
+                reading.result()  # the connection dropped: raise why
+            if confirmed not in done:
                 raise TimeoutError("subscriptions not confirmed")
-            msg = await pubsub.get_message(timeout=0.5)
-            if msg is not None:
-                self._dispatch(msg)
-        for ch in waits:
-            self._confirmed.pop(ch, None)
+        finally:
+            confirmed.cancel()
+            for ch in waits:
+                self._confirmed.pop(ch, None)
         await self._register()
+        self._live = True
         self._probe_seen = time.monotonic()
         self._connected.set()  # type: ignore[union-attr]
         # Subscriptions confirmed and presence registered: ready; the probe keeps checking.
@@ -787,10 +786,6 @@ class RedisBroker:
             self._wake.set()
         await self._repair()
 
-    async def _repair_soon(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self._register()
-
     async def _repair(self) -> None:
         """Anti-entropy: make each room's mirror match the presence hash, announcing what
         events missed (a subscriber that was down, a Redis restart). Idempotent with the
@@ -824,30 +819,21 @@ class RedisBroker:
             hub.repair_room(room.name, present, grace)
         self._absent = absent
 
-    def _dispatch(self, msg: dict[str, Any]) -> None:
-        kind = msg.get("type")
+    def _dispatch(self, kind: str, channel: bytes, raw: Any) -> None:
+        """What the subscriber connection brings: a publication, or a (un)subscription's
+        confirmation."""
         if kind in ("unsubscribe", "sunsubscribe"):
-            self.subscribed.discard(msg["channel"])
+            self.subscribed.discard(channel)
             return
         if kind in ("subscribe", "ssubscribe"):
-            channel = msg["channel"]
             fut = self._confirmed.get(channel)
             if fut is not None and not fut.done():
                 fut.set_result(None)
-            elif channel in self.subscribed:
-                # redis-py reconnected a dropped subscriber and resubscribed by itself:
-                # whatever was published meanwhile is lost to us, so repair presence.
-                self.stats["reconnects"] += 1
-                log.warning("broker subscriber reconnected", extra={"fields": {
-                    "node": self.node}})
-                if self._repairing is None or self._repairing.done():
-                    self._repairing = asyncio.ensure_future(self._repair_soon())
             self.subscribed.add(channel)
             return
         if kind not in ("message", "smessage"):
             return
         self.stats["received"] += 1
-        raw: bytes = msg["data"]
         nl = raw.find(b"\n")
         head = orjson.loads(raw[:nl])
         data = raw[nl + 1:]
@@ -898,12 +884,11 @@ class RedisBroker:
             await asyncio.sleep(PROBE_INTERVAL)
             now = time.monotonic()
             try:
-                if self.pubsub is not None:
+                if self._live:
                     if self._probe_sent > self._probe_seen and now - self._probe_sent > PROBE_TIMEOUT:
                         self._unready("readiness probe did not come back")
                         self._probe_sent = 0.0
-                        with contextlib.suppress(Exception):
-                            await self.pubsub.aclose()  # the reader reconnects
+                        await self.pubsub.close()  # the reader reconnects
                     elif self._probe_sent <= self._probe_seen:
                         self._probe_sent = now
                         await self.redis.execute_command(
@@ -917,7 +902,7 @@ class RedisBroker:
                     await self.redis.sadd(f"{p}:nodes", self.node)
                     await self._reap()
                     await self.redis.eval(EXPIRE_DUE, 1, f"{p}:parked", p, self._pub)
-                    if self.pubsub is not None:
+                    if self._live:
                         await self._repair()
                 await self.redis.hset(f"{p}:c", self.node, self.hub.connected())
                 counts = await self.redis.hgetall(f"{p}:c")

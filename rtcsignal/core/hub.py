@@ -37,6 +37,9 @@ log = logging.getLogger("rtcsignal")
 
 ROOM_NAME = re.compile(r"[A-Za-z0-9._~:@-]{1,128}")
 
+#: Types the server acts on or refuses (one set lookup for the relayed types).
+_SERVER_TYPES = messages.COMMAND_TYPES | messages.RESERVED_TYPES
+
 #: A connection refused for this long without pause is closed with 1008.
 RATE_LIMIT_CLOSE_AFTER = 5.0
 
@@ -396,7 +399,15 @@ class Hub:
         if self.debug:
             log.debug("message", extra={"fields": {
                 "peer": peer.id, "addr": peer.address, "bytes": len(text)}})
-        if not self.admit_rate(peer, len(text), text):
+        # admit_rate's admission, inline: the common case costs no call of its own
+        now = self.clock()
+        bucket = peer.bucket
+        size = len(text)
+        if bucket.take(now) if size <= SMALL_MESSAGE else bucket.spend(now, size):
+            if peer.limited_since is not None and bucket.tokens >= 1.0:
+                peer.limited_since = None
+        else:
+            self._refuse(peer, now, text)
             return
         if peer.joining is not None:  # a join is in flight: keep order, handle after it
             if peer.backlog is None:
@@ -406,14 +417,19 @@ class Hub:
         self._handle(peer, text)
 
     def _handle(self, peer: Peer, text: bytes) -> None:
+        metrics = self.metrics
         try:
             obj = messages.parse(text)
             kind: str = obj["type"]
-            self.metrics.count_received(kind)
-            if kind in messages.COMMAND_TYPES:
-                self._command(peer, kind, obj)
-                return
-            if kind in messages.RESERVED_TYPES:
+            received = metrics.received
+            if kind in received:  # count_received's common case, inline
+                received[kind] += 1
+            else:
+                metrics.count_received(kind)
+            if kind in _SERVER_TYPES:
+                if kind in messages.COMMAND_TYPES:
+                    self._command(peer, kind, obj)
+                    return
                 raise MessageError(
                     ErrorCode.RESERVED_TYPE, f"type {kind!r} is reserved for the server",
                     obj.get("id"),
@@ -443,7 +459,12 @@ class Hub:
         else:
             target.sink.send(self.frame(data))  # type: ignore[union-attr]
             n = 1
-        self.metrics.count_relayed(kind, n)
+        relayed = metrics.relayed
+        if kind in relayed:  # count_relayed's common case, inline
+            relayed[kind] += 1
+            metrics.deliveries += n
+        else:
+            metrics.count_relayed(kind, n)
         if self.debug:
             log.debug("relayed", extra={"fields": {
                 "peer": peer.id, "addr": peer.address, "type": kind, "recipients": n}})
@@ -471,6 +492,11 @@ class Hub:
             if peer.limited_since is not None and bucket.tokens >= 1.0:
                 peer.limited_since = None
             return True
+        self._refuse(peer, now, text)
+        return False
+
+    def _refuse(self, peer: Peer, now: float, text: bytes | None) -> None:
+        """A message or frame over ``peer``'s budget (see ``admit_rate``)."""
         self.metrics.rate_limited += 1
         quiet = peer.limited_since is not None  # log the start of a flood, not every refusal
         if peer.limited_since is None:
@@ -478,12 +504,11 @@ class Hub:
         elif now - peer.limited_since >= RATE_LIMIT_CLOSE_AFTER:
             self.metrics.count_error(ErrorCode.RATE_LIMITED)
             peer.sink.close(CLOSE_POLICY, ErrorCode.RATE_LIMITED)
-            return False
+            return
         if text is not None or not quiet:  # control frames and fragments: once per flood
             self.send_error(peer, MessageError(
                 ErrorCode.RATE_LIMITED, "too many messages or bytes; slow down", _ref_of(text)
             ), quiet)
-        return False
 
     def _command(self, peer: Peer, kind: str, obj: dict[str, Any]) -> None:
         ref = obj.get("id")
@@ -556,7 +581,11 @@ class Hub:
             return b.id in room.members
         if not a.rooms:
             return self.lobby is not None and not b.rooms and a.id in self.lobby.members
-        return any(name in b.rooms for name in a.rooms)
+        theirs = b.rooms
+        for name in a.rooms:  # noqa: SIM110 (a loop: no generator object per message)
+            if name in theirs:
+                return True
+        return False
 
     # --- what the broker brings from other nodes -----------------------------------------
 

@@ -61,6 +61,21 @@ def encode_frame(opcode: int, payload: bytes) -> bytes:
     return bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big") + payload
 
 
+#: Heads of unmasked final text frames with a 7-bit length, by length.
+_TEXT_HEADS = [bytes((0x80 | OP_TEXT, n)) for n in range(126)]
+
+
+def encode_text(payload: bytes) -> bytes:
+    """``encode_frame(OP_TEXT, payload)`` in one call and one concatenation (the relay path
+    frames every message it relays)."""
+    n = len(payload)
+    if n < 126:
+        return _TEXT_HEADS[n] + payload
+    if n < 65536:
+        return b"\x81\x7e" + n.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + n.to_bytes(8, "big") + payload
+
+
 def payload_of(frame: bytes) -> bytes:
     """The payload of a frame made by ``encode_frame`` (unmasked, final)."""
     n = frame[1] & 0x7F

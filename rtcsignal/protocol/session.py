@@ -156,14 +156,19 @@ class Session:
                 if length == 126:
                     if n - pos < 4:
                         break
-                    length = int.from_bytes(buf[head : head + 2], "big")
+                    length = (buf[head] << 8) | buf[head + 1]
                     head += 2
                 elif length == 127:
                     if n - pos < 10:
                         break
                     length = int.from_bytes(buf[head : head + 8], "big")
                     head += 8
-                if op >= 8:
+                if op in (OP_TEXT, OP_BINARY):  # the common case first
+                    if self._msg is not None:
+                        raise ProtocolError(CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
+                    if length > max_size:
+                        raise ProtocolError(CLOSE_TOO_BIG, "message too big")
+                elif op >= 8:
                     if op > OP_PONG:
                         raise ProtocolError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {op}")
                     if not fin or length > 125:
@@ -172,11 +177,6 @@ class Session:
                     if self._msg is None:
                         raise ProtocolError(CLOSE_PROTOCOL_ERROR, "continuation without a message")
                     if len(self._msg) + length > max_size:
-                        raise ProtocolError(CLOSE_TOO_BIG, "message too big")
-                elif op in (OP_TEXT, OP_BINARY):
-                    if self._msg is not None:
-                        raise ProtocolError(CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
-                    if length > max_size:
                         raise ProtocolError(CLOSE_TOO_BIG, "message too big")
                 else:
                     raise ProtocolError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {op}")

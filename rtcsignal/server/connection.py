@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from rtcsignal.config import Config
 from rtcsignal.core.metrics import READ_SAMPLE_MASK, Metrics
 from rtcsignal.protocol import frames
+from rtcsignal.protocol.frames import OP_TEXT
 from rtcsignal.protocol.http import (
     HttpError,
     Request,
@@ -161,9 +162,9 @@ class Connection(asyncio.Protocol):
             on_text = handlers.text  # type: ignore[union-attr]
             ctx = self.context
             for op, payload in events:
-                if op == frames.OP_TEXT and not self.refusing:
+                if op == OP_TEXT and not self.refusing:
                     on_text(ctx, payload)
-                elif op == frames.OP_TEXT:
+                elif op == OP_TEXT:
                     self.refusing = False
                 elif op == frames.OP_PONG:
                     handlers.admit(ctx, len(payload))  # type: ignore[union-attr]

@@ -47,8 +47,7 @@ CLOSE_SESSION_TAKEN = 4409
 RECONNECT_JITTER_MS = 250
 
 
-def text_frame(data: bytes) -> bytes:
-    return frames.encode_frame(frames.OP_TEXT, data)
+text_frame = frames.encode_text
 
 
 class SignalingService:

@@ -40,7 +40,7 @@ from rtcsignal.core.messages import ErrorCode
 from rtcsignal.core.metrics import BROKER_BUCKETS, Histogram
 from rtcsignal.core.resume import Holding, Mailbox
 from rtcsignal.protocol.frames import split_frames
-from rtcsignal.redis.subscriber import Subscriber
+from rtcsignal.redis.wire import Commands, Subscriber
 
 log = logging.getLogger("rtcsignal")
 
@@ -280,6 +280,7 @@ class RedisBroker:
         self._absent: dict[tuple[str, str], float] = {}  # (room, peer) -> missing since
         self.resume_window = 0.0  # the REAP keeps a lost node's sessions this long
         self._live = False  # subscribed and registered: probes (and repairs) may run
+        self._commands: Commands = None  # type: ignore[assignment]  # the ordered queue's
         self.on_release: Callable[[str], None] | None = None  # a peer of ours resumed elsewhere
         self.on_query: Callable[[dict[str, Any], bytes], None] | None = None  # admin (Q)
         # Resumes in flight: token key -> (placeholder, done) until the claim's marker;
@@ -309,6 +310,7 @@ class RedisBroker:
             self.url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=5,
             client_name=f"rtcsignal:{self.prefix}:{self.node}",  # CLIENT LIST tells us apart
         )
+        self._commands = Commands(self.redis, timeout=5)
         self._channels = {self._node_channel(self.node)}
         if self.hub.lobby is not None:
             self._channels.add(self._room_channel(""))
@@ -341,6 +343,7 @@ class RedisBroker:
             await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 2)
         if self.pubsub is not None:
             await self.pubsub.close()
+        await self._commands.close()
         with contextlib.suppress(BaseException):
             await asyncio.wait_for(self.redis.aclose(), 2)
 
@@ -620,6 +623,8 @@ class RedisBroker:
             await self._wake.wait()
             self._wake.clear()
             try:
+                if self._commands.stale:
+                    await self._commands.connect()
                 await self._flush_now()
             except asyncio.CancelledError:
                 raise
@@ -661,11 +666,8 @@ class RedisBroker:
             return
         try:
             await self._detect()
-            pipe = self.redis.pipeline(transaction=False)
-            for args, _ in batch:
-                pipe.execute_command(*self._command(args))
             started = time.monotonic()
-            results = await pipe.execute(raise_on_error=False)
+            results = await self._commands.execute([self._command(args) for args, _ in batch])
             self.latency.observe(time.monotonic() - started)
         except (RedisError, OSError) as exc:
             results = [exc] * len(batch)
@@ -758,6 +760,7 @@ class RedisBroker:
         mirror starts over from version 0 and is repaired from the presence hashes."""
         p = self.prefix
         hub = self.hub
+        self._commands.stale = True  # Redis may have restarted: the writer reconnects
         await self.redis.set(f"{p}:epoch", secrets.token_hex(8), nx=True)
         epoch = await self.redis.get(f"{p}:epoch")
         if self._epoch and epoch != self._epoch:

@@ -160,7 +160,7 @@ def _serve(config: Config, argv: Sequence[str], load: Callable[[], Config]) -> i
     """One server process; with ``--workers`` > 1, a supervisor re-running ``argv`` in
     each worker (``server.workers``; a worker knows itself by its environment). ``load``
     reads the settings again (SIGHUP, ``server.reload``)."""
-    from rtcsignal.server import reload, workers
+    from rtcsignal.server import gctune, reload, workers
     from rtcsignal.server.service import SignalingService
 
     logs.configure(config.log_level, config.log_format, path=config.log_file)
@@ -177,6 +177,7 @@ def _serve(config: Config, argv: Sequence[str], load: Callable[[], Config]) -> i
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(service.shutdown()))
         loop.add_signal_handler(signal.SIGHUP, reload.reload, service, load)
         await service.start()
+        gctune.settle()
         if index is not None and not service.draining:
             workers.serving(service.shutdown)
         await service.wait_closed()

@@ -46,8 +46,7 @@ def install(service: Any) -> None:
         out = []
         for conn in service.connections:
             queued = conn.transport.get_write_buffer_size() if conn.transport else 0
-            if conn.out:
-                queued += sum(len(frame) for frame in conn.out)
+            queued += conn.queued()
             out.append(queued)
         return out
 

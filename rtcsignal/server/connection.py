@@ -104,6 +104,7 @@ class Connection(asyncio.Protocol):
         "address",
         "close_code",
         "context",
+        "first",
         "handlers",
         "head",
         "opened",
@@ -127,7 +128,8 @@ class Connection(asyncio.Protocol):
         self.handlers: Handlers | None = None
         self.context: Any = None  # the owner's per-connection state (the signaling Peer)
         self.ticket: Any = None  # the owner's second one (the signaling admission record)
-        self.out: bytes | list[bytes] | None = None  # one frame, or several, to flush
+        self.first: bytes | None = None  # the first frame queued since the last flush
+        self.out: list[bytes] | None = None  # all of them, from the second on
         self.close_code = frames.CLOSE_ABNORMAL
         self.opened = 0.0
         self.timer: asyncio.TimerHandle | None = None
@@ -218,39 +220,45 @@ class Connection(asyncio.Protocol):
         self.timer = self.slow_timer = None
         self._end("closed")
         self.state = CLOSED
-        self.out = None
+        self.out = self.first = None
         self.owner.connection_lost(self)
 
     # --- sending (the core's Sink) ----------------------------------------------------
 
     def send(self, frame: bytes) -> None:
         out = self.out
-        if out is None:
+        if out is not None:  # three frames or more this loop turn (a busy fan-out)
+            out.append(frame)
+            return
+        first = self.first
+        if first is None:
             if self.state is not OPEN:
                 return
-            # One frame per loop turn (most turns) is queued as is: no list, so a fan-out to
+            # One frame per loop turn (most turns) is queued as is, no list: a fan-out to
             # thousands of receivers allocates nothing the garbage collector tracks.
-            self.out = frame
+            self.first = frame
             self.owner.mark_dirty(self)
-        elif type(out) is bytes:
-            self.out = [out, frame]
         else:
-            out.append(frame)
+            self.out = [first, frame]
 
     def queued(self) -> int:
         """Bytes of the frames queued for the next flush."""
-        out = self.out
-        if out is None:
-            return 0
-        return len(out) if type(out) is bytes else sum(len(frame) for frame in out)
+        if self.out is not None:
+            return sum(len(frame) for frame in self.out)
+        return len(self.first) if self.first is not None else 0
 
     def flush(self) -> int:
         """Write the queued frames in one call; returns the bytes written."""
+        first = self.first
+        if first is None:
+            return 0
+        self.first = None
         out = self.out
         if out is None:
-            return 0
-        self.out = None
-        data = out if type(out) is bytes else b"".join(out)
+            data = first
+        else:
+            self.out = None
+            data = b"".join(out)
         transport = self.transport
         transport.write(data)
         if (
@@ -287,7 +295,7 @@ class Connection(asyncio.Protocol):
             self.close_code = frames.CLOSE_ABNORMAL
             self._end("timeout")
             self.state = CLOSING
-            self.out = None
+            self.out = self.first = None
             log.info("heartbeat timeout", extra={"fields": {"addr": self.address}})
             self.transport.abort()
             return
@@ -301,7 +309,7 @@ class Connection(asyncio.Protocol):
             self.timer = None
         self.state = OPEN
         self.session = Session(cfg.max_message_size)
-        self.out = upgrade_response(self.accept_key)  # one write with the greeting
+        self.first = upgrade_response(self.accept_key)  # one write with the greeting
         self.owner.mark_dirty(self)
         self.opened = time.monotonic()
         self.transport.set_write_buffer_limits(high=cfg.max_send_buffer)
@@ -330,7 +338,7 @@ class Connection(asyncio.Protocol):
         if self.state is OPEN:
             self.owner.metrics.bytes_out += self.flush()
         self.state = CLOSING
-        self.out = None
+        self.out = self.first = None
         tail = session.data_to_send()
         if tail:
             self.transport.write(tail)
@@ -349,7 +357,7 @@ class Connection(asyncio.Protocol):
     def _slow_reader(self) -> None:
         self.slow_timer = None
         if self.state is OPEN:
-            self.out = None
+            self.out = self.first = None
             self.close(frames.CLOSE_TRY_AGAIN, "send buffer full")
 
     def _handshake_timeout(self) -> None:

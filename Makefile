@@ -11,9 +11,12 @@ ARGS ?=
 serve: $(VENV)/.installed
 	$(BIN)/rtcsignal serve $(ARGS)
 
-test: $(VENV)/.test-installed system-deps
+# The suite runs on the compiled hot path (it must have been built), then the unit tests
+# again on the pure-Python modules alone (RTCSIGNAL_PURE=1).
+test: system-deps $(VENV)/.test-installed
 	$(BIN)/ruff check rtcsignal tests bench
-	$(BIN)/pytest $(PYTEST_ARGS)
+	RTCSIGNAL_REQUIRE_COMPILED=1 $(BIN)/pytest $(PYTEST_ARGS)
+	RTCSIGNAL_PURE=1 RTCSIGNAL_REQUIRE_COMPILED=1 $(BIN)/pytest tests/unit
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check rtcsignal tests bench
@@ -31,7 +34,8 @@ conformance: $(VENV)/.test-installed
 system-deps:
 	sh scripts/install-system-deps.sh
 
-$(VENV)/.installed: pyproject.toml
+# setup.py and the .pyx sources: the compiled hot path is rebuilt when they change
+$(VENV)/.installed: pyproject.toml setup.py rtcsignal/protocol/_speedups.pyx rtcsignal/core/_speedups.pyx
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e .

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Installs the Debian packages the test suite drives for real (redis-server, chromium, nginx,
-# gcc, openssl, and systemd for systemd-analyze, which checks deploy/rtcsignal.service) when
+# gcc (and python3-dev when the interpreter has no headers: the compiled hot path), openssl,
+# and systemd for systemd-analyze, which checks deploy/rtcsignal.service) when
 # they are missing. Installing systemd in a container does not make it the init system.
 # Needs root; otherwise it names what to install and fails.
 #
@@ -16,6 +17,10 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$missing 
 command -v gcc >/dev/null 2>&1 || missing="$missing gcc"
 command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
 command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
+# Python's headers, to build the compiled hot path (setup.py): Debian's python3 keeps them in
+# python3-dev; an interpreter built from source (pyenv) has its own.
+py_include=$(${PYTHON:-python3} -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null || true)
+[ -n "$py_include" ] && [ ! -f "$py_include/Python.h" ] && missing="$missing python3-dev"
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
     echo "install-system-deps: missing Debian packages:$missing (run as root, or: sudo apt-get install$missing)" >&2

@@ -18,9 +18,12 @@ wait in its backlog, so per-sender order holds.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import re
 import secrets
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -39,6 +42,33 @@ ROOM_NAME = re.compile(r"[A-Za-z0-9._~:@-]{1,128}")
 
 #: Types the server acts on or refuses (one set lookup for the relayed types).
 _SERVER_TYPES = messages.COMMAND_TYPES | messages.RESERVED_TYPES
+
+
+def _compiled_relay() -> Callable[[Hub, Peer, bytes], Any] | None:
+    """``core/_speedups.pyx``'s ``relay`` when it is built from the .pyx beside it and
+    ``RTCSIGNAL_PURE`` is not set (the rules of ``protocol.frames.load_speedups``)."""
+    if os.environ.get("RTCSIGNAL_PURE", "") not in ("", "0"):
+        return None
+    try:
+        from rtcsignal.core import _speedups  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    source = os.path.join(os.path.dirname(__file__), "_speedups.pyx")
+    try:
+        with open(source, "rb") as f:
+            want = hashlib.sha256(f.read()).hexdigest()[:16]
+    except OSError:  # an installed wheel need not carry the .pyx
+        want = _speedups.SOURCE_HASH
+    if want != _speedups.SOURCE_HASH:
+        warnings.warn(f"{_speedups.__file__} was built from another version of {source}: "
+                      "using the pure-Python code (rebuild: pip install -e .)", RuntimeWarning,
+                      stacklevel=2)
+        return None
+    return _speedups.relay  # type: ignore[no-any-return]
+
+
+#: The compiled common case of ``Hub._handle`` (a ``to`` message to a local peer), or None.
+RELAY = _compiled_relay()
 
 #: A connection refused for this long without pause is closed with 1008.
 RATE_LIMIT_CLOSE_AFTER = 5.0
@@ -209,6 +239,9 @@ class Hub:
         # `expired` (delivering it late could reorder it after newer ones). Bounded by age.
         self.moved: dict[str, float] = {}
         self.lobby: Room | None = Room("", presence=False) if default_room else None
+        # core/_speedups.pyx: relays the common case of _handle, or hands over the parsed
+        # message (None: use the Python path only)
+        self.fast: Callable[[Hub, Peer, bytes], Any] | None = RELAY
 
     # --- membership -------------------------------------------------------------------
 
@@ -417,9 +450,15 @@ class Hub:
         self._handle(peer, text)
 
     def _handle(self, peer: Peer, text: bytes) -> None:
-        metrics = self.metrics
+        obj = None
+        if self.fast is not None:  # compiled: relays a `to` message to a local peer ...
+            obj = self.fast(self, peer, text)
+            if obj is True:
+                return
+        metrics = self.metrics  # ... else what follows, with the message parsed if it was
         try:
-            obj = messages.parse(text)
+            if obj is None:
+                obj = messages.parse(text)
             kind: str = obj["type"]
             received = metrics.received
             if kind in received:  # count_received's common case, inline

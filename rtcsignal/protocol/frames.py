@@ -6,6 +6,12 @@ what both the session and the server's writers need. Server frames are never mas
 
 from __future__ import annotations
 
+import hashlib
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
 OP_CONT = 0x0
 OP_TEXT = 0x1
 OP_BINARY = 0x2
@@ -40,7 +46,7 @@ class ProtocolError(Exception):
         self.reason = reason
 
 
-def unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
+def _unmask_py(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
     """XOR ``payload`` with the 4-byte ``mask``, using big-int arithmetic (C speed)."""
     n = len(payload)
     if n == 0:
@@ -65,7 +71,7 @@ def encode_frame(opcode: int, payload: bytes) -> bytes:
 _TEXT_HEADS = [bytes((0x80 | OP_TEXT, n)) for n in range(126)]
 
 
-def encode_text(payload: bytes) -> bytes:
+def _encode_text_py(payload: bytes) -> bytes:
     """``encode_frame(OP_TEXT, payload)`` in one call and one concatenation (the relay path
     frames every message it relays)."""
     n = len(payload)
@@ -117,3 +123,41 @@ def parse_close(payload: bytes) -> tuple[int, str]:
     except UnicodeDecodeError:
         raise ProtocolError(CLOSE_INVALID_DATA, "close reason is not UTF-8") from None
     return code, reason
+
+
+# --- the compiled hot path (protocol/_speedups.pyx), when built -----------------------------
+
+
+def load_speedups(module: str, source: str) -> Any:
+    """The compiled module ``module`` built from ``source`` (a .pyx beside this package), or
+    None: not built, ``RTCSIGNAL_PURE=1`` in the environment, or built from another version
+    of ``source`` (a stale build would run old code: a warning says to rebuild)."""
+    if os.environ.get("RTCSIGNAL_PURE", "") not in ("", "0"):
+        return None
+    try:
+        mod = __import__(module, fromlist=["_"])
+    except ImportError:
+        return None
+    try:
+        with open(source, "rb") as f:
+            want = hashlib.sha256(f.read()).hexdigest()[:16]
+    except OSError:  # an installed wheel need not carry the .pyx
+        return mod
+    if getattr(mod, "SOURCE_HASH", None) != want:
+        warnings.warn(f"{mod.__file__} was built from another version of {source}: using "
+                      "the pure-Python code (rebuild: pip install -e .)", RuntimeWarning,
+                      stacklevel=2)
+        return None
+    return mod
+
+
+_compiled = load_speedups("rtcsignal.protocol._speedups",
+                          os.path.join(os.path.dirname(__file__), "_speedups.pyx"))
+#: True when the compiled frame reader is in use.
+COMPILED = _compiled is not None
+unmask: Callable[[bytes | bytearray, bytes | bytearray], bytes] = (
+    _compiled.unmask if _compiled else _unmask_py)
+encode_text: Callable[[bytes], bytes] = _compiled.encode_text if _compiled else _encode_text_py
+#: ``scan_text(data, max_size) -> (events, offset)``, compiled only (see _speedups.pyx).
+scan_text: Callable[[bytes, int], tuple[list[tuple[int, bytes]], int]] | None = (
+    _compiled.scan_text if _compiled else None)

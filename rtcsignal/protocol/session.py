@@ -46,6 +46,7 @@ from rtcsignal.protocol.frames import (
     encode_close,
     encode_frame,
     parse_close,
+    scan_text,
     unmask,
 )
 
@@ -132,14 +133,23 @@ class Session:
         """Parse ``data``; returns the events found (see the module docstring)."""
         if self.state is CLOSED or self.close_transport:
             return []
+        pos = 0
         if self._buf is not None:
             self._buf += data
             buf: bytes | bytearray = self._buf
+            out: list[tuple[int, bytes]] = []
+        elif (scan_text is not None and self._msg is None and self.reading
+              and not self._checked and self.state is OPEN):
+            # Compiled: the complete text frames this loop would emit as they are; it goes
+            # on from where they end (anything else: other frames, errors, a partial frame).
+            out, pos = scan_text(data, self.max_size)
+            if pos == len(data):
+                return out
+            buf = data
         else:
             buf = data
-        out: list[tuple[int, bytes]] = []
+            out = []
         try:  # the frame loop is inline: one call per read on the hot path
-            pos = 0
             n = len(buf)
             max_size = self.max_size
             while n - pos >= 2:

@@ -1,0 +1,113 @@
+# cython: language_level=3
+"""Compiled common case of ``Hub._handle`` (optional; ``hub.py`` is the reference and the
+fallback, and the unit tests run against both).
+
+``relay(hub, peer, text)`` relays a message addressed (``to``) to a local peer that shares a
+room with the sender, as ``Hub._handle`` does: parse, count, route, stamp ``from``, frame,
+send, count. It decides before touching anything: when the message is anything else (not
+valid JSON, a command or server type, a room message, another node's peer, an error, an
+application hook, a client-written ``from``, an integer orjson cannot write back, a type
+not yet counted, debug logging), it returns the parsed message (or None if it did not parse
+it) and ``Hub._handle`` goes on with it, so nothing is parsed twice on a path it knows.
+Returns True when it relayed the message.
+"""
+
+import orjson
+
+from rtcsignal.core.messages import COMMAND_TYPES, MAX_TYPE_LENGTH, RESERVED_TYPES
+
+cdef extern from *:
+    """
+    #ifndef RTCSIGNAL_SOURCE_HASH
+    #define RTCSIGNAL_SOURCE_HASH ""
+    #endif
+    """
+    const char* RTCSIGNAL_SOURCE_HASH
+
+#: sha256 (16 hex digits) of the .pyx this module was built from (setup.py)
+SOURCE_HASH = (<bytes>RTCSIGNAL_SOURCE_HASH).decode("ascii")
+
+cdef object _loads = orjson.loads
+cdef object _dumps = orjson.dumps
+cdef object _DecodeError = orjson.JSONDecodeError
+cdef object _EncodeError = orjson.JSONEncodeError
+cdef frozenset _SERVER_TYPES = frozenset(COMMAND_TYPES | RESERVED_TYPES)
+cdef Py_ssize_t _MAX_TYPE = MAX_TYPE_LENGTH
+
+
+cdef bint _exponent(bytes body):
+    """``messages.stamp_from``'s filter: an ``e+<digit>`` at or after the first ``+`` (orjson
+    wrote a float of magnitude >= 1e16: maybe an integer it could not keep)."""
+    cdef const char* p = body
+    cdef Py_ssize_t n = len(body), i, plus = -1
+    for i in range(n):
+        if p[i] == b'+':
+            plus = i
+            break
+    if plus <= 0:
+        return False
+    for i in range(plus - 1, n - 2):
+        if p[i] == b'e' and p[i + 1] == b'+' and b'0' <= p[i + 2] <= b'9':
+            return True
+    return False
+
+
+def relay(hub, peer, text):
+    """True (relayed), else the message parsed (a dict) or None; see the module docstring."""
+    cdef dict obj
+    cdef Py_ssize_t n
+    if hub.debug:
+        return None
+    try:
+        parsed = _loads(text)
+    except _DecodeError:
+        return None
+    if type(parsed) is not dict:
+        return None
+    obj = <dict>parsed
+    kind = obj.get("type")
+    if type(kind) is not str:
+        return None
+    n = len(<str>kind)
+    if n == 0 or n > _MAX_TYPE:
+        return None
+    if kind in _SERVER_TYPES:
+        return obj
+    metrics = hub.metrics
+    received = metrics.received
+    relayed = metrics.relayed
+    if kind not in received or kind not in relayed:
+        return obj
+    if obj.get("room") is not None:
+        return obj
+    to = obj.get("to")
+    if type(to) is not str:
+        return obj
+    peers = hub.peers
+    target = (<dict>peers).get(to) if type(peers) is dict else peers.get(to)
+    if target is None or target is peer:
+        return obj
+    mine = peer.rooms
+    if not mine:
+        return obj
+    theirs = target.rooms
+    for name in mine:
+        if name in theirs:
+            break
+    else:
+        return obj
+    if hub.hooks.on_message is not None or "from" in obj:
+        return obj
+    stamped = {"from": peer.id}
+    stamped.update(obj)
+    try:
+        body = _dumps(stamped)
+    except _EncodeError:
+        return obj
+    if _exponent(body):
+        return obj
+    received[kind] += 1
+    target.sink.send(hub.frame(body))
+    relayed[kind] += 1
+    metrics.deliveries += 1
+    return True

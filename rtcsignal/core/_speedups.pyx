@@ -1,6 +1,6 @@
 # cython: language_level=3
-"""Compiled common case of ``Hub._handle`` (optional; ``hub.py`` is the reference and the
-fallback, and the unit tests run against both).
+"""Compiled common case of ``Hub.handle_text`` and ``Hub._handle`` (optional; ``hub.py`` is
+the reference and the fallback, and the unit tests run against both).
 
 ``relay(hub, peer, text)`` relays a message addressed (``to``) to a local peer that shares a
 room with the sender, as ``Hub._handle`` does: parse, count, route, stamp ``from``, frame,
@@ -10,11 +10,18 @@ application hook, a client-written ``from``, an integer orjson cannot write back
 not yet counted, debug logging), it returns the parsed message (or None if it did not parse
 it) and ``Hub._handle`` goes on with it, so nothing is parsed twice on a path it knows.
 Returns True when it relayed the message.
+
+``TextHandler(hub)`` is ``Hub.handle_text`` for that hub (rate admission, the backlog of a
+join in flight, then ``relay``, then ``Hub._handle_parsed`` for the rest), one C call per
+message instead of two Python frames; ``Hub`` installs it as its ``handle_text``.
 """
+
+from libc.string cimport memchr
 
 import orjson
 
 from rtcsignal.core.messages import COMMAND_TYPES, MAX_TYPE_LENGTH, RESERVED_TYPES
+from rtcsignal.core.ratelimit import SMALL_MESSAGE
 
 cdef extern from *:
     """
@@ -33,18 +40,19 @@ cdef object _DecodeError = orjson.JSONDecodeError
 cdef object _EncodeError = orjson.JSONEncodeError
 cdef frozenset _SERVER_TYPES = frozenset(COMMAND_TYPES | RESERVED_TYPES)
 cdef Py_ssize_t _MAX_TYPE = MAX_TYPE_LENGTH
+cdef Py_ssize_t _SMALL = SMALL_MESSAGE
 
 
 cdef bint _exponent(bytes body):
     """``messages.stamp_from``'s filter: an ``e+<digit>`` at or after the first ``+`` (orjson
     wrote a float of magnitude >= 1e16: maybe an integer it could not keep)."""
     cdef const char* p = body
-    cdef Py_ssize_t n = len(body), i, plus = -1
-    for i in range(n):
-        if p[i] == b'+':
-            plus = i
-            break
-    if plus <= 0:
+    cdef Py_ssize_t n = len(body), i, plus
+    cdef const char* found = <const char*>memchr(p, b'+', n)
+    if found == NULL:
+        return False
+    plus = found - p
+    if plus == 0:
         return False
     for i in range(plus - 1, n - 2):
         if p[i] == b'e' and p[i + 1] == b'+' and b'0' <= p[i + 2] <= b'9':
@@ -54,6 +62,10 @@ cdef bint _exponent(bytes body):
 
 def relay(hub, peer, text):
     """True (relayed), else the message parsed (a dict) or None; see the module docstring."""
+    return _relay(hub, peer, text)
+
+
+cdef object _relay(object hub, object peer, object text):
     cdef dict obj
     cdef Py_ssize_t n
     if hub.debug:
@@ -111,3 +123,34 @@ def relay(hub, peer, text):
     relayed[kind] += 1
     metrics.deliveries += 1
     return True
+
+
+cdef class TextHandler:
+    """``Hub.handle_text`` of one hub, compiled (see the module docstring)."""
+
+    cdef readonly object hub
+
+    def __init__(self, hub):
+        self.hub = hub
+
+    def __call__(self, peer, text):
+        hub = self.hub
+        if hub.debug:  # logs every message: the Python method
+            return type(hub).handle_text(hub, peer, text)
+        now = hub.clock()
+        bucket = peer.bucket
+        size = len(text)
+        if bucket.take(now) if size <= _SMALL else bucket.spend(now, size):
+            if peer.limited_since is not None and bucket.tokens >= 1.0:
+                peer.limited_since = None
+        else:
+            hub._refuse(peer, now, text)
+            return
+        if peer.joining is not None:  # a join is in flight: keep order, handle after it
+            if peer.backlog is None:
+                peer.backlog = []
+            peer.backlog.append(text)
+            return
+        obj = _relay(hub, peer, text)
+        if obj is not True:
+            hub._handle_parsed(peer, text, obj)

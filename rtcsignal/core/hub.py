@@ -44,8 +44,8 @@ ROOM_NAME = re.compile(r"[A-Za-z0-9._~:@-]{1,128}")
 _SERVER_TYPES = messages.COMMAND_TYPES | messages.RESERVED_TYPES
 
 
-def _compiled_relay() -> Callable[[Hub, Peer, bytes], Any] | None:
-    """``core/_speedups.pyx``'s ``relay`` when it is built from the .pyx beside it and
+def _compiled_relay() -> Any:
+    """``core/_speedups.pyx`` when it is built from the .pyx beside it and
     ``RTCSIGNAL_PURE`` is not set (the rules of ``protocol.frames.load_speedups``)."""
     if os.environ.get("RTCSIGNAL_PURE", "") not in ("", "0"):
         return None
@@ -64,11 +64,13 @@ def _compiled_relay() -> Callable[[Hub, Peer, bytes], Any] | None:
                       "using the pure-Python code (rebuild: pip install -e .)", RuntimeWarning,
                       stacklevel=2)
         return None
-    return _speedups.relay  # type: ignore[no-any-return]
+    return _speedups  # type: ignore[no-any-return]
 
 
+_compiled = _compiled_relay()
 #: The compiled common case of ``Hub._handle`` (a ``to`` message to a local peer), or None.
-RELAY = _compiled_relay()
+RELAY: Callable[[Hub, Peer, bytes], Any] | None = _compiled.relay if _compiled else None
+_TEXT_HANDLER: Any = _compiled.TextHandler if _compiled else None
 
 #: A connection refused for this long without pause is closed with 1008.
 RATE_LIMIT_CLOSE_AFTER = 5.0
@@ -239,9 +241,18 @@ class Hub:
         # `expired` (delivering it late could reorder it after newer ones). Bounded by age.
         self.moved: dict[str, float] = {}
         self.lobby: Room | None = Room("", presence=False) if default_room else None
-        # core/_speedups.pyx: relays the common case of _handle, or hands over the parsed
-        # message (None: use the Python path only)
-        self.fast: Callable[[Hub, Peer, bytes], Any] | None = RELAY
+        self.fast: Callable[[Hub, Peer, bytes], Any] | None = None
+        self.use_compiled(True)
+
+    def use_compiled(self, on: bool) -> None:
+        """Run messages through core/_speedups.pyx when it is built (``on``), or through
+        the Python methods alone: ``fast`` relays the common case of ``_handle`` (or hands
+        the parsed message back), and a compiled ``handle_text`` stands in for the method."""
+        self.fast = RELAY if on else None
+        if on and RELAY is not None:
+            self.handle_text = _TEXT_HANDLER(self)  # type: ignore[method-assign]
+        else:
+            self.__dict__.pop("handle_text", None)
 
     # --- membership -------------------------------------------------------------------
 
@@ -455,7 +466,10 @@ class Hub:
             obj = self.fast(self, peer, text)
             if obj is True:
                 return
-        metrics = self.metrics  # ... else what follows, with the message parsed if it was
+        self._handle_parsed(peer, text, obj)  # ... else the rest, with the message if parsed
+
+    def _handle_parsed(self, peer: Peer, text: bytes, obj: dict[str, Any] | None) -> None:
+        metrics = self.metrics
         try:
             if obj is None:
                 obj = messages.parse(text)

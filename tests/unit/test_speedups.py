@@ -139,13 +139,23 @@ def test_scan_stops_where_the_python_loop_must_go_on() -> None:
 # --- the relay ---------------------------------------------------------------------------------
 
 
-def make_hub(fast: bool) -> tuple[Hub, dict[str, Peer]]:
-    hub = Hub(clock=lambda: 0.0)
-    hub.fast = hub_module.RELAY if fast else None
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_hub(fast: bool, rate: float = 1e9, burst: float = 1e9,
+             clock: Clock | None = None) -> tuple[Hub, dict[str, Peer]]:
+    hub = Hub(clock=clock or Clock())
+    hub.use_compiled(fast)
+    assert (hub.fast is not None) is fast
     peers = {}
     for pid, rooms in (("a", ["r1"]), ("b", ["r1", "r2"]), ("c", ["r1", "r2"]), ("d", []),
                        ("e", ["r3"])):
-        p = Peer(Recorder(), TokenBucket(1e9, 1e9, 0), peer_id=pid)
+        p = Peer(Recorder(), TokenBucket(rate, burst, 0), peer_id=pid)
         hub.add(p)
         for r in rooms:
             hub.join(p, r)
@@ -206,6 +216,38 @@ def test_hub_relays_the_same(sends: list[tuple[str, bytes]]) -> None:
         fast.handle_text(fp[sender], text)
         slow.handle_text(sp[sender], text)
         assert snapshot(fast, fp) == snapshot(slow, sp)
+
+
+@compiled
+@settings(max_examples=150)
+@given(st.lists(st.tuples(st.sampled_from("aabbcd"),
+                          st.sampled_from(["offer", "answer", "ping", "join"]),
+                          st.sampled_from(["b", "c", "zz"]),
+                          st.sampled_from(["send", "send", "send", "tick", "hold", "release",
+                                           "debug"])),
+                max_size=30))
+def test_hub_admits_and_holds_the_same(steps: list[tuple[str, str, str, str]]) -> None:
+    """Rate limits (refusals, the 1008 close of a long flood), the backlog of a join in
+    flight and debug logging, through the compiled handle_text and the method."""
+    clocks = Clock(), Clock()
+    (fast, fp), (slow, sp) = (make_hub(True, 2.0, 3.0, clocks[0]),
+                              make_hub(False, 2.0, 3.0, clocks[1]))
+    for sender, kind, to, op in steps:
+        for hub, peers, clock in ((fast, fp, clocks[0]), (slow, sp, clocks[1])):
+            if op == "tick":
+                clock.now += 1.7
+            elif op == "hold":
+                hub.hold(peers[sender], "x")
+            elif op == "release":
+                hub.unblock(peers[sender], "x")
+                hub.replay(peers[sender])
+            elif op == "debug":
+                hub.debug = not hub.debug
+            else:
+                hub.handle_text(peers[sender], json.dumps({"type": kind, "to": to}).encode())
+        assert snapshot(fast, fp) == snapshot(slow, sp)
+        assert [p.backlog for p in fp.values()] == [p.backlog for p in sp.values()]
+        assert [p.limited_since for p in fp.values()] == [p.limited_since for p in sp.values()]
 
 
 @compiled

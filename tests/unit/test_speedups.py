@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from rtcsignal.core import hub as hub_module
 from rtcsignal.core.hub import Hub, Peer
-from rtcsignal.core.ratelimit import TokenBucket
+from rtcsignal.core.ratelimit import MessageBudget, TokenBucket
 from rtcsignal.protocol import frames, session
 from rtcsignal.protocol.session import Session
 from tests.unit.sinks import Recorder
@@ -139,6 +139,10 @@ def test_scan_stops_where_the_python_loop_must_go_on() -> None:
 # --- the relay ---------------------------------------------------------------------------------
 
 
+#: A peer id JSON must escape (the compiled stamp splices plain ids only).
+ODD_ID = 'f"\u00fc\u2028\\'
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 0.0
@@ -153,13 +157,15 @@ def make_hub(fast: bool, rate: float = 1e9, burst: float = 1e9,
     hub.use_compiled(fast)
     assert (hub.fast is not None) is fast
     peers = {}
-    for pid, rooms in (("a", ["r1"]), ("b", ["r1", "r2"]), ("c", ["r1", "r2"]), ("d", []),
-                       ("e", ["r3"])):
-        p = Peer(Recorder(), TokenBucket(rate, burst, 0), peer_id=pid)
+    for key, rooms in (("a", ["r1"]), ("b", ["r1", "r2"]), ("c", ["r1", "r2"]), ("d", []),
+                       ("e", ["r3"]), ("f", ["r1"])):
+        bucket = (MessageBudget(rate, burst, 1e9, 1e9, 0) if key in "bdf"
+                  else TokenBucket(rate, burst, 0))
+        p = Peer(Recorder(), bucket, peer_id=ODD_ID if key == "f" else key)
         hub.add(p)
         for r in rooms:
             hub.join(p, r)
-        peers[pid] = p
+        peers[key] = p
     for kind in ("offer", "answer", "ice-candidate"):  # counted: the compiled path may relay
         hub.handle_text(peers["a"], json.dumps({"type": kind, "to": "b"}).encode())
     for p in peers.values():
@@ -186,7 +192,7 @@ messages = st.fixed_dictionaries(
     optional={
         "type": st.sampled_from(["offer", "answer", "ice-candidate", "custom", "", "x" * 65,
                                  "ping", "join", "pong", "error"]) | values,
-        "to": st.sampled_from(["a", "b", "c", "d", "e", "zz"]) | values,
+        "to": st.sampled_from(["a", "b", "c", "d", "e", ODD_ID, "zz"]) | values,
         "room": st.sampled_from(["r1", "r2", "r9"]) | values,
         "from": st.sampled_from(["b", "mallory"]),
         "id": values,
@@ -196,7 +202,7 @@ messages = st.fixed_dictionaries(
 )
 relayable = st.fixed_dictionaries(  # mostly what the compiled path relays
     {"type": st.sampled_from(["offer", "answer", "ice-candidate", "custom"]),
-     "to": st.sampled_from(["a", "b", "c", "d", "e"])},
+     "to": st.sampled_from(["a", "b", "c", "d", "e", ODD_ID])},
     optional={"sdp": values, "id": values, "candidate": values, "room": st.none(),
               "n": st.sampled_from([10**17, 2**64, 1e20, "x+1", "1e+5"])},
 )
@@ -207,7 +213,7 @@ raw = st.sampled_from([b"not json", b"[1]", b'"s"', b'{"type":"offer","to":"b","
 
 @compiled
 @settings(max_examples=400)
-@given(st.lists(st.tuples(st.sampled_from("aabbccde"),
+@given(st.lists(st.tuples(st.sampled_from("aabbccdeff"),
                           (messages | relayable).map(lambda m: json.dumps(m).encode()) | raw),
                 max_size=12))
 def test_hub_relays_the_same(sends: list[tuple[str, bytes]]) -> None:

@@ -12,11 +12,13 @@ serve: $(VENV)/.installed
 	$(BIN)/rtcsignal serve $(ARGS)
 
 # The suite runs on the compiled hot path (it must have been built), then the unit tests
-# again on the pure-Python modules alone (RTCSIGNAL_PURE=1).
+# and the servers' core and abuse tests (the transport glue) again on the pure-Python
+# modules alone (RTCSIGNAL_PURE=1).
 test: system-deps $(VENV)/.test-installed
 	$(BIN)/ruff check rtcsignal tests bench
 	RTCSIGNAL_REQUIRE_COMPILED=1 $(BIN)/pytest $(PYTEST_ARGS)
-	RTCSIGNAL_PURE=1 RTCSIGNAL_REQUIRE_COMPILED=1 $(BIN)/pytest tests/unit \
+	RTCSIGNAL_PURE=1 RTCSIGNAL_REQUIRE_COMPILED=1 $(BIN)/pytest tests/unit tests/test_core.py \
+		tests/test_security_battery.py \
 		-k "not test_speedups or test_compiled_path_in_use_when_required"
 
 lint: $(VENV)/.test-installed
@@ -36,7 +38,7 @@ system-deps:
 	sh scripts/install-system-deps.sh
 
 # setup.py and the .pyx sources: the compiled hot path is rebuilt when they change
-$(VENV)/.installed: pyproject.toml setup.py rtcsignal/protocol/_speedups.pyx rtcsignal/core/_speedups.pyx
+$(VENV)/.installed: pyproject.toml setup.py rtcsignal/protocol/_speedups.pyx rtcsignal/core/_speedups.pyx rtcsignal/server/_speedups.pyx rtcsignal/_slots.pxd
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e .

@@ -17,11 +17,15 @@ message instead of two Python frames; ``Hub`` installs it as its ``handle_text``
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.float cimport PyFloat_AS_DOUBLE
 from libc.string cimport memchr, memcpy
 
 import orjson
 
+from rtcsignal._slots cimport _get, _offset, _put
+
 from rtcsignal.core.messages import COMMAND_TYPES, MAX_TYPE_LENGTH, RESERVED_TYPES
+from rtcsignal.core.metrics import Metrics
 from rtcsignal.core.ratelimit import SMALL_MESSAGE, MessageBudget, TokenBucket
 
 cdef extern from *:
@@ -44,6 +48,29 @@ cdef Py_ssize_t _MAX_TYPE = MAX_TYPE_LENGTH
 cdef Py_ssize_t _SMALL = SMALL_MESSAGE
 cdef type _TokenBucket = TokenBucket
 cdef type _MessageBudget = MessageBudget
+
+
+cdef type _Peer = None
+cdef Py_ssize_t P_ID, P_SINK, P_BUCKET, P_ROOMS, P_JOINING, P_BACKLOG, P_LIMITED
+cdef Py_ssize_t B_TOKENS = _offset(TokenBucket, "tokens")
+cdef Py_ssize_t B_LAST = _offset(TokenBucket, "last")
+cdef Py_ssize_t B_RATE = _offset(TokenBucket, "rate")
+cdef Py_ssize_t B_BURST = _offset(TokenBucket, "burst")
+cdef type _Metrics = Metrics
+cdef Py_ssize_t M_DELIVERIES = _offset(Metrics, "deliveries")
+
+
+def install(peer_cls):
+    """Read ``hub.Peer``'s slots in C (hub.py calls this once, after defining it)."""
+    global _Peer, P_ID, P_SINK, P_BUCKET, P_ROOMS, P_JOINING, P_BACKLOG, P_LIMITED
+    P_ID = _offset(peer_cls, "id")
+    P_SINK = _offset(peer_cls, "sink")
+    P_BUCKET = _offset(peer_cls, "bucket")
+    P_ROOMS = _offset(peer_cls, "rooms")
+    P_JOINING = _offset(peer_cls, "joining")
+    P_BACKLOG = _offset(peer_cls, "backlog")
+    P_LIMITED = _offset(peer_cls, "limited_since")
+    _Peer = peer_cls
 
 
 cdef bint _plain(str s):
@@ -85,16 +112,20 @@ cdef bytes _stamp(object peer_id, dict obj):
     return out
 
 
-cdef object _take(object bucket, object now):
-    """``TokenBucket.take(now)`` (cost 1.0), the same Python arithmetic without a frame."""
-    tokens = bucket.tokens + (now - bucket.last) * bucket.rate
-    bucket.last = now
-    if tokens > bucket.burst:
-        tokens = bucket.burst
+cdef bint _take(object bucket, object now) except -1:
+    """``TokenBucket.take(now)`` (cost 1.0) on a TokenBucket or MessageBudget, in C; ``now``
+    is a float (the hub's clock) and goes into ``last`` as is."""
+    cdef double tokens = (<double>_get(bucket, B_TOKENS)
+                          + (PyFloat_AS_DOUBLE(now) - <double>_get(bucket, B_LAST))
+                          * <double>_get(bucket, B_RATE))
+    cdef double burst = <double>_get(bucket, B_BURST)
+    _put(bucket, B_LAST, now)
+    if tokens > burst:
+        tokens = burst
     if tokens >= 1.0:
-        bucket.tokens = tokens - 1.0
+        _put(bucket, B_TOKENS, tokens - 1.0)
         return True
-    bucket.tokens = tokens
+    _put(bucket, B_TOKENS, tokens)
     return False
 
 
@@ -117,14 +148,19 @@ cdef bint _exponent(bytes body):
 
 def relay(hub, peer, text):
     """True (relayed), else the message parsed (a dict) or None; see the module docstring."""
-    return _relay(hub, peer, text)
+    if hub.debug or type(peer) is not _Peer:
+        return None
+    metrics = hub.metrics
+    return _relay(hub, metrics, metrics.received, metrics.relayed, hub.frame, hub.hooks,
+                  peer, text)
 
 
-cdef object _relay(object hub, object peer, object text):
+cdef object _relay(object hub, object metrics, dict received, dict relayed, object frame,
+                   object hooks, object peer, object text):
+    """``relay`` for a ``hub.Peer`` sender, the hub's parts given (``TextHandler`` keeps
+    them)."""
     cdef dict obj
     cdef Py_ssize_t n
-    if hub.debug:
-        return None
     try:
         parsed = _loads(text)
     except _DecodeError:
@@ -140,10 +176,8 @@ cdef object _relay(object hub, object peer, object text):
         return None
     if kind in _SERVER_TYPES:
         return obj
-    metrics = hub.metrics
-    received = metrics.received
-    relayed = metrics.relayed
-    if kind not in received or kind not in relayed:
+    count = received.get(kind)
+    if count is None or kind not in relayed:  # a type not yet labelled: the Python path
         return obj
     if obj.get("room") is not None:
         return obj
@@ -152,64 +186,80 @@ cdef object _relay(object hub, object peer, object text):
         return obj
     peers = hub.peers
     target = (<dict>peers).get(to) if type(peers) is dict else peers.get(to)
-    if target is None or target is peer:
+    if target is None or target is peer or type(target) is not _Peer:
         return obj
-    mine = peer.rooms
-    if not mine:
+    mine = _get(peer, P_ROOMS)
+    if type(mine) is not dict or not mine:
         return obj
-    theirs = target.rooms
-    for name in mine:
+    theirs = _get(target, P_ROOMS)
+    for name in <dict>mine:
         if name in theirs:
             break
     else:
         return obj
-    if hub.hooks.on_message is not None or "from" in obj:
+    if hooks.on_message is not None or "from" in obj:
         return obj
     try:
-        body = _stamp(peer.id, obj)
+        body = _stamp(_get(peer, P_ID), obj)
     except _EncodeError:
         return obj
     if _exponent(body):
         return obj
-    received[kind] += 1
-    target.sink.send(hub.frame(body))
+    received[kind] = count + 1
+    _get(target, P_SINK).send(frame(body))
     relayed[kind] += 1
-    metrics.deliveries += 1
+    if type(metrics) is _Metrics:
+        _put(metrics, M_DELIVERIES, _get(metrics, M_DELIVERIES) + 1)
+    else:
+        metrics.deliveries += 1
     return True
 
 
 cdef class TextHandler:
-    """``Hub.handle_text`` of one hub, compiled (see the module docstring)."""
+    """``Hub.handle_text`` of one hub, compiled (see the module docstring). It keeps the
+    hub's ``metrics`` (and its two type counters), ``frame``, ``clock`` and ``hooks``: a
+    hub's own, fixed when it is made."""
 
     cdef readonly object hub
+    cdef object metrics, frame, clock, hooks
+    cdef dict received, relayed
 
     def __init__(self, hub):
         self.hub = hub
+        self.metrics = hub.metrics
+        self.received = self.metrics.received
+        self.relayed = self.metrics.relayed
+        self.frame = hub.frame
+        self.clock = hub.clock
+        self.hooks = hub.hooks
 
     def __call__(self, peer, text):
         hub = self.hub
-        if hub.debug:  # logs every message: the Python method
+        if hub.debug or type(peer) is not _Peer:  # debug logs every message: the method
             return type(hub).handle_text(hub, peer, text)
-        now = hub.clock()
-        bucket = peer.bucket
+        now = self.clock()
+        bucket = _get(peer, P_BUCKET)
         size = len(text)
         if size > _SMALL:
             ok = bucket.spend(now, size)
-        elif type(bucket) is _MessageBudget or type(bucket) is _TokenBucket:
+        elif (type(bucket) is _MessageBudget or type(bucket) is _TokenBucket) and type(now) is float:
             ok = _take(bucket, now)
         else:
             ok = bucket.take(now)
         if ok:
-            if peer.limited_since is not None and bucket.tokens >= 1.0:
-                peer.limited_since = None
+            if _get(peer, P_LIMITED) is not None and bucket.tokens >= 1.0:
+                _put(peer, P_LIMITED, None)
         else:
             hub._refuse(peer, now, text)
             return
-        if peer.joining is not None:  # a join is in flight: keep order, handle after it
-            if peer.backlog is None:
-                peer.backlog = []
-            peer.backlog.append(text)
+        if _get(peer, P_JOINING) is not None:  # a join is in flight: keep order, after it
+            backlog = _get(peer, P_BACKLOG)
+            if backlog is None:
+                backlog = []
+                _put(peer, P_BACKLOG, backlog)
+            backlog.append(text)
             return
-        obj = _relay(hub, peer, text)
+        obj = _relay(hub, self.metrics, self.received, self.relayed, self.frame, self.hooks,
+                     peer, text)
         if obj is not True:
             hub._handle_parsed(peer, text, obj)

@@ -86,6 +86,35 @@ class Metrics:
     the rest count as ``_other`` (bounded memory and scrape size). The documented types never
     count against ``max_types``: junk types sent first cannot push ``offer`` into ``_other``."""
 
+    __slots__ = (
+        "_received_extra",
+        "_relayed_extra",
+        "always_labelled",
+        "auth_failures",
+        "bytes_in",
+        "bytes_out",
+        "closes",
+        "connections_total",
+        "counters",
+        "deliveries",
+        "disconnects",
+        "errors",
+        "gauges",
+        "heartbeat_timeouts",
+        "histograms",
+        "max_types",
+        "rate_limited",
+        "reads",
+        "received",
+        "rejected",
+        "relay_latency",
+        "relayed",
+        "reloads",
+        "resume_expired",
+        "resumes",
+        "stamp",
+    )
+
     def __init__(self, max_types: int = 64,
                  always_labelled: Iterable[str] = DOCUMENTED_TYPES) -> None:
         self.max_types = max_types

@@ -128,6 +128,17 @@ def parse_close(payload: bytes) -> tuple[int, str]:
 # --- the compiled hot path (protocol/_speedups.pyx), when built -----------------------------
 
 
+def source_hash(source: str) -> str:
+    """setup.py's SOURCE_HASH of a .pyx: sha256 of it and of the package's ``_slots.pxd``."""
+    digest = hashlib.sha256()
+    slots = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "_slots.pxd")
+    for path in (source, slots):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def load_speedups(module: str, source: str) -> Any:
     """The compiled module ``module`` built from ``source`` (a .pyx beside this package), or
     None: not built, ``RTCSIGNAL_PURE=1`` in the environment, or built from another version
@@ -139,8 +150,7 @@ def load_speedups(module: str, source: str) -> Any:
     except ImportError:
         return None
     try:
-        with open(source, "rb") as f:
-            want = hashlib.sha256(f.read()).hexdigest()[:16]
+        want = source_hash(source)
     except OSError:  # an installed wheel need not carry the .pyx
         return mod
     if getattr(mod, "SOURCE_HASH", None) != want:

@@ -133,22 +133,24 @@ class Session:
         """Parse ``data``; returns the events found (see the module docstring)."""
         if self.state is CLOSED or self.close_transport:
             return []
-        pos = 0
         if self._buf is not None:
             self._buf += data
-            buf: bytes | bytearray = self._buf
-            out: list[tuple[int, bytes]] = []
-        elif (scan_text is not None and self._msg is None and self.reading
-              and not self._checked and self.state is OPEN):
+            return self.receive_rest(self._buf, [], 0)
+        if (scan_text is not None and self._msg is None and self.reading
+                and not self._checked and self.state is OPEN):
             # Compiled: the complete text frames this loop would emit as they are; it goes
             # on from where they end (anything else: other frames, errors, a partial frame).
             out, pos = scan_text(data, self.max_size)
             if pos == len(data):
                 return out
-            buf = data
-        else:
-            buf = data
-            out = []
+            return self.receive_rest(data, out, pos)
+        return self.receive_rest(data, [], 0)
+
+    def receive_rest(self, buf: bytes | bytearray, out: list[tuple[int, bytes]],
+                     pos: int) -> list[tuple[int, bytes]]:
+        """``receive_data``'s frame loop from ``pos`` of ``buf`` (``data``, or ``_buf`` with
+        ``data`` appended), appending to ``out`` (events already found before ``pos``). The
+        compiled connection glue calls it after its own ``scan_text`` stopped short."""
         try:  # the frame loop is inline: one call per read on the hot path
             n = len(buf)
             max_size = self.max_size

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any, Protocol
 from rtcsignal.config import Config
 from rtcsignal.core.metrics import READ_SAMPLE_MASK, Metrics
 from rtcsignal.protocol import frames
-from rtcsignal.protocol.frames import OP_TEXT
+from rtcsignal.protocol.frames import OP_TEXT, load_speedups, scan_text
 from rtcsignal.protocol.http import (
     HttpError,
     Request,
@@ -187,7 +188,13 @@ class Connection(asyncio.Protocol):
                 self._session_over()
             if started:
                 self.owner.sampled(started)
-        elif state is HTTP:
+        else:
+            self._receive_other(data)
+
+    def _receive_other(self, data: bytes) -> None:
+        """A read before the upgrade or after our close frame."""
+        state = self.state
+        if state is HTTP:
             self._read_head(data)
         elif state is CLOSING:  # we sent a close frame; wait for the peer's
             events = self.session.receive_data(data)  # type: ignore[union-attr]
@@ -453,3 +460,17 @@ class Connection(asyncio.Protocol):
         log.info("rejected", extra={"fields": {
             "addr": self.address, "status": exc.status, "reason": exc.reason}})
         self._answer(response(exc.status, exc.reason + "\n", headers=exc.headers, head=head))
+
+
+# --- the compiled glue (server/_speedups.pyx), when built ----------------------------------
+
+_compiled = load_speedups("rtcsignal.server._speedups",
+                          os.path.join(os.path.dirname(__file__), "_speedups.pyx"))
+if _compiled is not None and scan_text is None:  # it relies on the compiled frame reader
+    _compiled = None
+#: The compiled glue module when ``data_received``, ``send`` and ``flush`` are the compiled
+#: ones (the service installs its ``mark_dirty`` and ``_flush`` from it too), else None.
+COMPILED_GLUE: Any = _compiled
+if _compiled is not None:
+    _compiled.install_connection(Connection, scan_text, OPEN, READ_SAMPLE_MASK,
+                                 SEND_BUFFER_HARD_FACTOR)

@@ -25,7 +25,7 @@ from rtcsignal.security.admission import Admission
 from rtcsignal.security.turn import ice_servers
 from rtcsignal.server import endpoints, scrape
 from rtcsignal.server.admin import Admin
-from rtcsignal.server.connection import Answer, Connection, Handlers
+from rtcsignal.server.connection import COMPILED_GLUE, Answer, Connection, Handlers
 
 log = logging.getLogger("rtcsignal")
 
@@ -588,6 +588,10 @@ class SignalingService:
     def rooms(self) -> list[str]:
         """Names of the rooms that have members."""
         return list(self.hub.rooms)
+
+
+if COMPILED_GLUE is not None:  # mark_dirty and _flush compiled (server/_speedups.pyx)
+    COMPILED_GLUE.install_service(SignalingService)
 
 
 async def serve(config: Config | None = None, service: SignalingService | None = None) -> None:

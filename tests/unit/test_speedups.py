@@ -36,6 +36,8 @@ def test_compiled_path_in_use_when_required() -> None:
     assert frames.COMPILED is not PURE
     assert (hub_module.RELAY is None) is PURE
     assert (session.scan_text is None) is PURE
+    from rtcsignal.server import connection  # the transport glue (server/_speedups.pyx)
+    assert (connection.COMPILED_GLUE is None) is PURE
 
 
 # --- frames ----------------------------------------------------------------------------------

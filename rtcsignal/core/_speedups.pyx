@@ -11,7 +11,7 @@ not yet counted, debug logging), it returns the parsed message (or None if it di
 it) and ``Hub._handle`` goes on with it, so nothing is parsed twice on a path it knows.
 Returns True when it relayed the message.
 
-``TextHandler(hub)`` is ``Hub.handle_text`` for that hub (rate admission, the backlog of a
+``TextHandler(hub).handle_text`` is ``Hub.handle_text`` for that hub (rate admission, the backlog of a
 join in flight, then ``relay``, then ``Hub._handle_parsed`` for the rest), one C call per
 message instead of two Python frames; ``Hub`` installs it as its ``handle_text``.
 """
@@ -73,18 +73,28 @@ def install(peer_cls):
     _Peer = peer_cls
 
 
-cdef bint _plain(str s):
-    """ASCII that JSON writes as is (no escape): the peer ids this server makes."""
-    cdef Py_ssize_t i, n
-    cdef Py_UCS4 c
-    if not s.isascii():
-        return False
-    n = len(s)
-    for i in range(n):
-        c = s[i]
+cdef extern from "Python.h":
+    bint PyUnicode_IS_COMPACT_ASCII(object o)
+    void* PyUnicode_DATA(object o)
+    Py_ssize_t PyUnicode_GET_LENGTH(object o)
+
+
+cdef const char* _plain(str s, Py_ssize_t* n):
+    """The characters of ``s`` if it is ASCII that JSON writes as is (no escape: the peer ids
+    this server makes), read in place; else NULL."""
+    cdef Py_ssize_t i, k
+    cdef const unsigned char* p
+    cdef unsigned char c
+    if not PyUnicode_IS_COMPACT_ASCII(s):
+        return NULL
+    k = PyUnicode_GET_LENGTH(s)
+    p = <const unsigned char*>PyUnicode_DATA(s)
+    for i in range(k):
+        c = p[i]
         if c <= 0x20 or c >= 0x7F or c == 0x22 or c == 0x5C:
-            return False
-    return True
+            return NULL
+    n[0] = k
+    return <const char*>p
 
 
 cdef bytes _stamp(object peer_id, dict obj):
@@ -92,21 +102,21 @@ cdef bytes _stamp(object peer_id, dict obj):
     orjson writes compact JSON, so that is ``{"from":"<id>",`` then ``dumps(obj)`` without its
     ``{`` -- spliced in one copy, no dict built -- when the id needs no escaping."""
     cdef bytes body, out
-    cdef bytes ident
-    cdef Py_ssize_t n, k
+    cdef const char* ident = NULL
+    cdef Py_ssize_t n, k = 0
     cdef char* d
-    if type(peer_id) is not str or not _plain(<str>peer_id):
+    if type(peer_id) is str:
+        ident = _plain(<str>peer_id, &k)
+    if ident == NULL:
         stamped = {"from": peer_id}
         stamped.update(obj)
         return _dumps(stamped)
     body = _dumps(obj)
-    ident = (<str>peer_id).encode("ascii")
     n = len(body)
-    k = len(ident)
     out = PyBytes_FromStringAndSize(NULL, n + k + 10)
     d = PyBytes_AS_STRING(out)
     memcpy(d, b'{"from":"', 9)
-    memcpy(d + 9, <const char*>ident, k)
+    memcpy(d + 9, ident, k)
     memcpy(d + 9 + k, b'",', 2)
     memcpy(d + 11 + k, (<const char*>body) + 1, n - 1)
     return out
@@ -233,7 +243,9 @@ cdef class TextHandler:
         self.clock = hub.clock
         self.hooks = hub.hooks
 
-    def __call__(self, peer, text):
+    def handle_text(self, peer, text):
+        """``Hub.handle_text`` (a method, not ``__call__``: called through the bound method
+        with the vectorcall protocol, no argument tuple per message)."""
         hub = self.hub
         if hub.debug or type(peer) is not _Peer:  # debug logs every message: the method
             return type(hub).handle_text(hub, peer, text)

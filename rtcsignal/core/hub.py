@@ -258,7 +258,7 @@ class Hub:
         the parsed message back), and a compiled ``handle_text`` stands in for the method."""
         self.fast = RELAY if on else None
         if on and RELAY is not None:
-            self.handle_text = _TEXT_HANDLER(self)  # type: ignore[method-assign]
+            self.handle_text = _TEXT_HANDLER(self).handle_text  # type: ignore[method-assign]
         else:
             self.__dict__.pop("handle_text", None)
 

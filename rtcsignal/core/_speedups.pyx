@@ -18,6 +18,7 @@ message instead of two Python frames; ``Hub`` installs it as its ``handle_text``
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.float cimport PyFloat_AS_DOUBLE
+from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.string cimport memchr, memcpy
 
 import orjson
@@ -58,6 +59,43 @@ cdef Py_ssize_t B_RATE = _offset(TokenBucket, "rate")
 cdef Py_ssize_t B_BURST = _offset(TokenBucket, "burst")
 cdef type _Metrics = Metrics
 cdef Py_ssize_t M_DELIVERIES = _offset(Metrics, "deliveries")
+
+
+ctypedef int (*sink_send_t)(object, object) except -1
+cdef type _SinkType = None
+cdef sink_send_t _sink_send = NULL
+
+
+def set_sink(cls, capsule):
+    """The server's connection class and its compiled ``send`` (a PyCapsule named
+    ``rtcsignal.sink_send``): a frame for a sink of exactly that class is handed to the C
+    function, without a method call."""
+    global _SinkType, _sink_send
+    _sink_send = <sink_send_t>PyCapsule_GetPointer(capsule, "rtcsignal.sink_send")
+    _SinkType = cls
+
+
+cdef inline int _send(object sink, object frame) except -1:
+    if type(sink) is _SinkType:
+        return _sink_send(sink, frame)
+    sink.send(frame)
+    return 0
+
+
+def deliver(room, frame, skip=None):
+    """``Hub._deliver``: a relayed frame to a room's local members (but ``skip``) and to
+    its local joiners in flight; returns how many members got it."""
+    cdef Py_ssize_t n = 0
+    members = room.members
+    for member in ((<dict>members).values() if type(members) is dict else members.values()):
+        if member is not skip:
+            _send(_get(member, P_SINK) if type(member) is _Peer else member.sink, frame)
+            n += 1
+    joining = room.joining
+    if joining:
+        for queued in joining.values():
+            queued.append((0, frame))
+    return n
 
 
 def install(peer_cls):
@@ -216,7 +254,7 @@ cdef object _relay(object hub, object metrics, dict received, dict relayed, obje
     if _exponent(body):
         return obj
     received[kind] = count + 1
-    _get(target, P_SINK).send(frame(body))
+    _send(_get(target, P_SINK), frame(body))
     relayed[kind] += 1
     if type(metrics) is _Metrics:
         _put(metrics, M_DELIVERIES, _get(metrics, M_DELIVERIES) + 1)

@@ -75,6 +75,15 @@ _compiled = _compiled_relay()
 #: The compiled common case of ``Hub._handle`` (a ``to`` message to a local peer), or None.
 RELAY: Callable[[Hub, Peer, bytes], Any] | None = _compiled.relay if _compiled else None
 _TEXT_HANDLER: Any = _compiled.TextHandler if _compiled else None
+_DELIVER: Any = _compiled.deliver if _compiled else None
+
+
+def compiled_sink(cls: type, capsule: Any) -> None:
+    """The transport's connection class and its compiled ``send`` (a PyCapsule): the
+    compiled relay hands frames for that class's sinks straight to it (no-op when the relay
+    is not compiled)."""
+    if _compiled is not None:
+        _compiled.set_sink(cls, capsule)
 
 #: A connection refused for this long without pause is closed with 1008.
 RATE_LIMIT_CLOSE_AFTER = 5.0
@@ -259,8 +268,10 @@ class Hub:
         self.fast = RELAY if on else None
         if on and RELAY is not None:
             self.handle_text = _TEXT_HANDLER(self).handle_text  # type: ignore[method-assign]
+            self._deliver = _DELIVER  # type: ignore[method-assign]
         else:
             self.__dict__.pop("handle_text", None)
+            self.__dict__.pop("_deliver", None)
 
     # --- membership -------------------------------------------------------------------
 

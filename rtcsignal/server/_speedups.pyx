@@ -17,6 +17,8 @@ without the frames; ``install_connection`` and ``install_service`` put them on t
 
 import time
 
+from cpython.pycapsule cimport PyCapsule_New
+
 from rtcsignal._slots cimport _get, _offset, _put
 
 from rtcsignal.core.metrics import Metrics
@@ -189,6 +191,11 @@ cdef int _send(object self, object frame) except -1:
     else:
         _put(self, C_OUT, [first, frame])
     return 0
+
+
+#: ``_send`` for the compiled relay (``core/_speedups.set_sink``): a frame to a Connection
+#: without a method call.
+SINK_SEND = PyCapsule_New(<void*>_send, "rtcsignal.sink_send", NULL)
 
 
 def send(self, frame):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rtcsignal.config import Config
+from rtcsignal.core.hub import compiled_sink
 from rtcsignal.core.metrics import READ_SAMPLE_MASK, Metrics
 from rtcsignal.protocol import frames
 from rtcsignal.protocol.frames import OP_TEXT, load_speedups, scan_text
@@ -474,3 +475,4 @@ COMPILED_GLUE: Any = _compiled
 if _compiled is not None:
     _compiled.install_connection(Connection, scan_text, OPEN, READ_SAMPLE_MASK,
                                  SEND_BUFFER_HARD_FACTOR)
+    compiled_sink(Connection, _compiled.SINK_SEND)

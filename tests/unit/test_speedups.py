@@ -288,3 +288,29 @@ def test_a_build_from_another_source_is_not_used(tmp_path: Any) -> None:
     assert frames.load_speedups("rtcsignal.protocol._speedups", here) is not None
     # an installed wheel without the .pyx: the build is trusted
     assert frames.load_speedups("rtcsignal.protocol._speedups", str(tmp_path / "no")) is not None
+
+
+@compiled
+def test_slot_offsets_are_taken_only_from_slots() -> None:
+    """The compiled code reads ``__slots__`` at their offsets: a class whose attribute is not
+    a slot (a property, a class attribute) is refused at install, not read as memory."""
+    class NotSlots:
+        id = property(lambda self: "x")
+
+    class NoSuchSlot:
+        __slots__ = ("sink",)
+
+    speedups = hub_module._compiled
+    for cls in (NotSlots, NoSuchSlot):
+        with pytest.raises((TypeError, KeyError)):
+            speedups.install(cls)
+    speedups.install(Peer)  # what hub.py installed: still works
+    hub, peers = Hub(clock=lambda: 0.0), {}
+    for name in ("a", "b"):
+        peers[name] = Peer(Recorder(), TokenBucket(100, 100, 0.0), peer_id=name)
+        hub.add(peers[name])
+        hub.join(peers[name], "r")
+    hub.handle_text(peers["a"], b'{"type":"offer","to":"b"}')  # labels the type
+    assert hub_module.RELAY(hub, peers["a"], b'{"type":"offer","to":"b"}') is True
+    assert peers["b"].sink.frames[-1] == peers["b"].sink.frames[-2]
+    assert peers["b"].sink.frames[-1].startswith(b'{"from":"a"')

@@ -11,9 +11,11 @@ not yet counted, debug logging), it returns the parsed message (or None if it di
 it) and ``Hub._handle`` goes on with it, so nothing is parsed twice on a path it knows.
 Returns True when it relayed the message.
 
-``TextHandler(hub).handle_text`` is ``Hub.handle_text`` for that hub (rate admission, the backlog of a
-join in flight, then ``relay``, then ``Hub._handle_parsed`` for the rest), one C call per
-message instead of two Python frames; ``Hub`` installs it as its ``handle_text``.
+``TextHandler(hub).handle_text`` is ``Hub.handle_text`` for that hub (rate admission, the
+backlog of a join in flight, then ``relay``, then ``Hub._handle_parsed`` for the rest), one
+C call per message instead of two Python frames; ``Hub`` installs it as its ``handle_text``.
+``deliver`` is ``Hub._deliver`` (a room's members); ``set_sink`` takes the transport's C
+``send`` so frames reach a connection without a method call.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
@@ -292,7 +294,8 @@ cdef class TextHandler:
         size = len(text)
         if size > _SMALL:
             ok = bucket.spend(now, size)
-        elif (type(bucket) is _MessageBudget or type(bucket) is _TokenBucket) and type(now) is float:
+        elif ((type(bucket) is _MessageBudget or type(bucket) is _TokenBucket)
+              and type(now) is float):
             ok = _take(bucket, now)
         else:
             ok = bucket.take(now)

@@ -9,9 +9,9 @@ failed build would otherwise run the pure code twice).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import struct
 from typing import Any
 
 import pytest
@@ -24,6 +24,7 @@ from rtcsignal.core.ratelimit import MessageBudget, TokenBucket
 from rtcsignal.protocol import frames, session
 from rtcsignal.protocol.session import Session
 from tests.unit.sinks import Recorder
+from tests.unit.test_session import client_frame
 
 PURE = os.environ.get("RTCSIGNAL_PURE", "") not in ("", "0")
 compiled = pytest.mark.skipif(not frames.COMPILED or hub_module.RELAY is None,
@@ -64,20 +65,8 @@ def test_unmask_and_encode_text_at_length_edges(n: int) -> None:
 # --- the frame reader --------------------------------------------------------------------------
 
 
-def frame(op: int, payload: bytes, fin: bool = True, rsv: int = 0, masked: bool = True,
-          mask: bytes = b"\x37\xfa\x21\x3d", length: int | None = None) -> bytes:
-    n = len(payload) if length is None else length
-    head = bytes([(0x80 if fin else 0) | (rsv << 4) | op])
-    mbit = 0x80 if masked else 0
-    if n < 126:
-        head += bytes([mbit | n])
-    elif n < 65536:
-        head += bytes([mbit | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([mbit | 127]) + struct.pack("!Q", n)
-    if not masked:
-        return head + payload
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+#: Client frames with a fixed mask (the session tests' helper): examples replay exactly.
+frame = functools.partial(client_frame, mask=b"\x37\xfa\x21\x3d")
 
 
 texts = st.one_of(
